@@ -1,0 +1,130 @@
+"""apply / summary / merge: the entry points every method goes through."""
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from .errors import MergeError, UnsupportedHostError
+from .registry import MethodConfig, get_method, make_config
+from .state import STATE_NAME, AppliedMethod, PetlState, get_state
+
+
+def apply(model: nn.Module, method: str | MethodConfig, **overrides) -> nn.Module:
+    """Apply a method to `model` in place and return it.
+
+    The first call freezes every host parameter; each method then adds its parameters and unfreezes
+    what it trains (usually the classifier head). Methods compose: applying a second method keeps
+    the first one's parameters trainable. Applying the same method twice is an error.
+
+    Args:
+        model: a host model (a timm model, ...).
+        method: a registered method name (see `list_methods()`) or a config object.
+        **overrides: config fields to change, e.g. ``apply(model, "vpt", num_prompts=50)``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply: `model` must be a torch.nn.Module, got {type(model).__name__}")
+    config = make_config(method, **overrides)
+    method_cls = get_method(config.name)
+    state = get_state(model)
+    if state is not None and config.name in state.method_names:
+        raise ValueError(f"method {config.name!r} is already applied to this model (applied: {state.method_names})")
+    if state is None and hasattr(model, STATE_NAME):
+        raise UnsupportedHostError(f"{type(model).__name__} already has an attribute {STATE_NAME!r}; petl_vision needs that name")
+    method_cls.check_host(model)
+
+    if state is None:
+        state = PetlState(model)
+        model.requires_grad_(False)
+        model.add_module(STATE_NAME, state)
+    before = {id(p): p.requires_grad for p in model.parameters()}
+    method_cls.attach(model, config)
+    params = list(model.parameters())
+    added = [p for p in params if id(p) not in before]
+    unfrozen = [p for p in params if id(p) in before and p.requires_grad and not before[id(p)]]
+    state.applied.append(AppliedMethod(config, added, unfrozen))
+    state.refresh_frozen(model)
+    return model
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """Parameter counts of a model with methods applied.
+
+    total: all parameters. trainable: those with requires_grad.
+    by_method: per method, the trainable parameters it added plus the host parameters it unfroze
+        (the head, biases, ...). added: per method, the parameters it added (trainable or not).
+    """
+
+    total: int
+    trainable: int
+    by_method: dict[str, int]
+    added: dict[str, int]
+    host_class: str
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        lines = [f"{self.host_class}"]
+        for name, count in self.by_method.items():
+            lines.append(f"  {name:<12} trainable {count:>14,}  (added {self.added[name]:,})")
+        lines.append(f"  {'trainable':<12} {self.trainable:>24,} / {self.total:,} ({self.trainable_percent:.3f}%)")
+        return "\n".join(lines)
+
+
+def summary(model: nn.Module) -> Summary:
+    """Trainable and total parameter counts, per method. Works on any module."""
+    params = list(model.parameters())
+    state = get_state(model)
+    by_method, added = {}, {}
+    seen: set[int] = set()
+    for applied in state.applied if state else []:
+        owned = [p for p in applied.added + applied.unfrozen if p.requires_grad and id(p) not in seen]
+        seen |= {id(p) for p in owned}
+        by_method[applied.name] = sum(p.numel() for p in owned)
+        added[applied.name] = sum(p.numel() for p in applied.added)
+    return Summary(
+        total=sum(p.numel() for p in params),
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        by_method=by_method,
+        added=added,
+        host_class=type(model).__name__,
+    )
+
+
+def can_merge(model: nn.Module) -> bool:
+    """True when every applied method can be folded into the host's weights."""
+    state = get_state(model)
+    return state is not None and all(get_method(a.name).mergeable for a in state.applied)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every applied method into the host's weights and remove petl_vision's state.
+
+    The result is a plain model of the original class with the same state_dict keys and the same
+    outputs (to float tolerance). Methods are merged last-applied first. Refuses, before changing
+    anything, when a method cannot be merged (VPT and the side networks change the architecture).
+    """
+    state = get_state(model)
+    if state is None:
+        raise MergeError("merge: no petl_vision method is applied to this model")
+    blocking = [a.name for a in state.applied if not get_method(a.name).mergeable]
+    if blocking:
+        reasons = "; ".join(f"{n!r}: {get_method(n).merge_refusal}" for n in blocking)
+        raise MergeError(f"merge: cannot fold {blocking} into the host's weights ({reasons}); save it with save_adapter instead")
+    for applied in reversed(state.applied):
+        get_method(applied.name).merge(model, applied.config)
+    remove_state(model)
+    return model
+
+
+def remove_state(model: nn.Module) -> None:
+    """Drop `model.petl`, its hook, and restore the host's requires_grad flags and train/eval mode."""
+    state = get_state(model)
+    state.hook_handle.remove()
+    delattr(model, STATE_NAME)
+    for param, flag in state.original_requires_grad:
+        param.requires_grad_(flag)
+    model.train(model.training)

@@ -1,0 +1,111 @@
+"""Method registry: a method is one class in one file under `petl_vision/methods/`.
+
+A method declares its name, its config dataclass, whether it can be merged, and three hooks:
+`check_host` (raise if the model is unsupported), `attach` (add parameters, mark trainable ones) and
+`merge` (fold itself into the host's weights).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from torch import nn
+
+from .errors import UnknownMethodError
+
+_METHODS: dict[str, type["Method"]] = {}
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Base of every method config. Subclasses are dataclasses whose field docs are the user docs.
+
+    `name` (a class variable) is the registered method name the config belongs to.
+    """
+
+    name: ClassVar[str] = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Method:
+    """Base class of a method. Subclasses override the class attributes and the hooks."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    mergeable: ClassVar[bool] = False
+    merge_refusal: ClassVar[str] = "it changes the architecture"
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        """True when `check_host` accepts the model."""
+        try:
+            cls.check_host(model)
+        except (TypeError, ValueError):
+            return False
+        return True
+
+    @classmethod
+    def check_host(cls, model: nn.Module) -> None:
+        """Raise UnsupportedHostError when the method cannot run on `model`. Default: any model."""
+
+    @classmethod
+    def attach(cls, model: nn.Module, config: MethodConfig) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def merge(cls, model: nn.Module, config: MethodConfig) -> None:
+        """Fold the method into the host's weights. Only called when `mergeable` is True."""
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to the registry under `cls.name`."""
+    if not cls.name or cls.config_class.name != cls.name:
+        raise ValueError(f"{cls.__name__}: `name` must be set and equal to its config's name")
+    if cls.name in _METHODS and _METHODS[cls.name] is not cls:
+        raise ValueError(f"method {cls.name!r} is already registered by {_METHODS[cls.name].__name__}")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    """Names of every registered method, sorted."""
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise UnknownMethodError(f"unknown method {name!r}; registered methods: {', '.join(list_methods())}") from None
+
+
+def get_config_class(name: str) -> type[MethodConfig]:
+    return get_method(name).config_class
+
+
+def make_config(name_or_config: str | MethodConfig, **overrides) -> MethodConfig:
+    """A config from a method name (its defaults) or a config object, with field overrides.
+
+    Unknown fields raise TypeError naming the field and the config's fields.
+    """
+    if isinstance(name_or_config, MethodConfig):
+        config_class, base = type(name_or_config), name_or_config
+    elif isinstance(name_or_config, str):
+        config_class, base = get_config_class(name_or_config), None
+    else:
+        raise TypeError(f"expected a method name or a MethodConfig, got {type(name_or_config).__name__}")
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"{config_class.__name__} has no field(s) {unknown}; fields: {sorted(fields)}")
+    return dataclasses.replace(base, **overrides) if base is not None else config_class(**overrides)
+
+
+def config_from_dict(name: str, values: dict) -> MethodConfig:
+    """Rebuild a config saved with `to_dict`. Lists become tuples where the default is a tuple."""
+    config_class = get_config_class(name)
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+    values = {k: tuple(v) if isinstance(v, list) and isinstance(defaults.get(k), tuple) else v for k, v in values.items()}
+    return make_config(name, **values)

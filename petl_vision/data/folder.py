@@ -1,0 +1,44 @@
+"""ImageFolder: one sub-folder per class, labels from the sorted folder names."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from .common import DataError, is_image_file, load_rgb, require_dir
+
+
+class ImageFolder(Dataset):
+    """`root/<class>/<image>` layout. Items are `(transform(PIL RGB image), int label)`.
+
+    `.classes` are the sorted class-folder names (label i = classes[i]); `.samples` is a list of
+    `(path, label)`. Hidden entries and non-image files are ignored.
+    """
+
+    def __init__(self, root: str | Path, transform=None):
+        self.root = require_dir(root, "image folder root")
+        self.transform = transform
+        class_dirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not class_dirs:
+            raise DataError(f"no class folders in {self.root} (expected one sub-folder of images per class)")
+        self.classes = [d.name for d in class_dirs]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples: list[tuple[Path, int]] = []
+        for label, d in enumerate(class_dirs):
+            files = sorted(p for p in d.rglob("*") if p.is_file() and is_image_file(p))
+            if not files:
+                raise DataError(f"class folder {d} has no image files (expected files ending in .png, .jpg, ...)")
+            self.samples += [(p, label) for p in files]
+        self.targets = [label for _, label in self.samples]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        img = load_rgb(path)
+        return (self.transform(img) if self.transform is not None else img), label

@@ -1,0 +1,123 @@
+"""VPT: Visual Prompt Tuning (Jia et al., ECCV 2022), shallow and deep.
+
+P learnable prompt tokens are inserted after the prefix tokens (CLS, registers) at the input of the
+first block: ``cat(x[:, :n_prefix], prompts, x[:, n_prefix:])``. They come after the position
+embedding, so they get none. Deep VPT replaces the prompt outputs of the previous block with fresh
+prompts before every block i >= 1. After the last block the prompt tokens are dropped, so the
+host's final norm, pooling and head see the usual token layout.
+
+Implemented with forward hooks on the host's blocks (found through the token-host interface);
+the prompts live in ``model.petl.vpt``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+from torch import nn
+
+from ..core.registry import Method, MethodConfig, register_method
+from ..core.state import get_state
+from ..hosts import TokenHost, token_host, unfreeze_head
+
+
+@dataclasses.dataclass
+class VPTConfig(MethodConfig):
+    """Config of VPT.
+
+    num_prompts: prompts per layer, P.
+    deep: a fresh set of prompts before every block (VPT-deep) or only before the first (shallow).
+    dropout: dropout on the prompts (paper default 0).
+    project_dim: if > 0, prompts have this width and a Linear projects them to the model width
+        (the official PROJECT option); -1 = no projection (default).
+    train_head: train the classifier head too (paper: yes).
+    """
+
+    name = "vpt"
+    num_prompts: int = 10
+    deep: bool = True
+    dropout: float = 0.0
+    project_dim: int = -1
+    train_head: bool = True
+
+    def __post_init__(self):
+        if self.num_prompts < 1:
+            raise ValueError(f"VPTConfig.num_prompts must be >= 1, got {self.num_prompts}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"VPTConfig.dropout must be in [0, 1), got {self.dropout}")
+
+
+def init_bound(patch_size: tuple[int, int], dim: int) -> float:
+    """The official uniform init bound sqrt(6 / (3 * ph * pw + dim)) (0.0625 for 16x16, 768)."""
+    return math.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + dim))
+
+
+class VPTPrompts(nn.Module):
+    """The prompts of every prompted layer and the hooks that insert them.
+
+    prompts: (num_layers, P, prompt_dim); layer i's prompts become (B, P, dim) tokens.
+    """
+
+    def __init__(self, host: TokenHost, config: VPTConfig):
+        super().__init__()
+        self.num_prompts = config.num_prompts
+        self.num_prefix_tokens = host.num_prefix_tokens
+        prompt_dim = config.project_dim if config.project_dim > 0 else host.dim
+        num_layers = len(host.blocks) if config.deep else 1
+        ref = next(host.blocks[0].parameters())
+        bound = init_bound(host.patch_size, prompt_dim)
+        self.prompts = nn.Parameter(torch.empty(num_layers, config.num_prompts, prompt_dim, device=ref.device, dtype=ref.dtype).uniform_(-bound, bound))
+        if config.project_dim > 0:
+            self.proj = nn.Linear(prompt_dim, host.dim, device=ref.device, dtype=ref.dtype)
+            nn.init.kaiming_normal_(self.proj.weight, a=0, mode="fan_out")
+            nn.init.zeros_(self.proj.bias)
+        else:
+            self.proj = nn.Identity()
+        self.dropout = nn.Dropout(config.dropout)
+
+    def layer_prompts(self, layer: int, batch: int) -> torch.Tensor:
+        """(B, P, dim) prompts of one layer."""
+        return self.dropout(self.proj(self.prompts[layer])).unsqueeze(0).expand(batch, -1, -1)
+
+    def insert(self, layer: int, block: nn.Module, args: tuple, kwargs: dict):
+        """Pre-hook of the first block: (B, N, D) -> (B, N + P, D)."""
+        x, n = args[0], self.num_prefix_tokens
+        x = torch.cat([x[:, :n], self.layer_prompts(layer, x.shape[0]).to(x.dtype), x[:, n:]], dim=1)
+        return (x,) + args[1:], kwargs
+
+    def replace(self, layer: int, block: nn.Module, args: tuple, kwargs: dict):
+        """Pre-hook of block i >= 1 (deep): swap the previous prompt outputs for layer i's prompts."""
+        x, n, p = args[0], self.num_prefix_tokens, self.num_prompts
+        x = torch.cat([x[:, :n], self.layer_prompts(layer, x.shape[0]).to(x.dtype), x[:, n + p:]], dim=1)
+        return (x,) + args[1:], kwargs
+
+    def remove(self, block: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Hook after the last block: (B, N + P, D) -> (B, N, D)."""
+        n, p = self.num_prefix_tokens, self.num_prompts
+        return torch.cat([output[:, :n], output[:, n + p:]], dim=1)
+
+
+@register_method
+class VPT(Method):
+    name = "vpt"
+    config_class = VPTConfig
+    merge_refusal = "prompt tokens are extra inputs, not weights"
+
+    @classmethod
+    def check_host(cls, model: nn.Module) -> None:
+        token_host(model, cls.name)
+
+    @classmethod
+    def attach(cls, model: nn.Module, config: VPTConfig) -> None:
+        host = token_host(model, cls.name)
+        prompts = VPTPrompts(host, config)
+        get_state(model).add_module("vpt", prompts)
+        host.blocks[0].register_forward_pre_hook(functools.partial(prompts.insert, 0), with_kwargs=True)
+        if config.deep:
+            for i, block in enumerate(host.blocks[1:], start=1):
+                block.register_forward_pre_hook(functools.partial(prompts.replace, i), with_kwargs=True)
+        host.blocks[-1].register_forward_hook(prompts.remove)
+        if config.train_head:
+            unfreeze_head(model, cls.name)

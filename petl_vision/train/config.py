@@ -1,0 +1,289 @@
+"""Training configuration: dataclasses, YAML loading with `base:` inheritance, CLI overrides.
+
+A YAML file maps one to one onto `TrainConfig`: top-level keys are its fields, and the sections
+`data`, `method`, `optim` and `sched` map onto the section dataclasses. `method` holds `name`
+plus any fields of that method's config (passed to `pv.apply` as overrides), e.g.
+`method: {name: vpt, num_prompts: 50, deep: true}`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the source."""
+
+
+@dataclass
+class DataConfig:
+    kind: str = "digits"  # "imagefolder" | "vtab" | "digits"
+    root: str | None = None  # imagefolder: holds train/ and val/; vtab: holds <task>/
+    train_root: str | None = None  # imagefolder only, instead of root
+    eval_root: str | None = None  # imagefolder only, instead of root
+    task: str | None = None  # vtab task folder name, e.g. "cifar"
+    train_split: str | None = None  # vtab: train800val200; imagefolder: train
+    eval_split: str | None = None  # vtab: test; imagefolder: val
+    augment: bool = False  # timm training augmentation; default is a plain resize (SSF VTAB recipe)
+    input_size: int | None = None  # None: from the model's timm data config
+    test_fraction: float = 0.3  # digits only
+    seed: int = 0  # digits split seed
+
+
+@dataclass
+class MethodSection:
+    name: str = "ssf"  # any of pv.list_methods()
+    overrides: dict[str, Any] = field(default_factory=dict)  # method config fields for pv.apply
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # "adamw" | "sgd"
+    lr: float = 5e-3
+    weight_decay: float = 5e-5  # not applied to 1-d parameters (biases, norms, SSF scales/shifts)
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
+    lr_scaling: str = "none"  # "none" | "linear256": lr * effective_batch / 256 (VPT)
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"  # "cosine" | "constant"; stepped per optimizer step
+    warmup_epochs: float = 10.0  # linear warm-up from ~0 to lr
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    model: str = "demo_vit"  # timm model name, or "demo_vit"
+    pretrained: bool = True
+    checkpoint: str | None = None  # local weights file for the backbone (no network)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+    num_classes: int | None = None  # None: from the data
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodSection = field(default_factory=MethodSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    epochs: int = 100
+    batch_size: int = 32  # per process
+    eval_batch_size: int | None = None  # None: 2 * batch_size
+    label_smoothing: float = 0.0
+    grad_accum_steps: int = 1
+    clip_grad_norm: float | None = None
+    mixed_precision: str | None = None  # "no" | "fp16" | "bf16"; None: accelerate's (launcher) setting
+    seed: int = 0
+    output_dir: str = "runs/default"
+    num_workers: int = 0
+    keep_checkpoints: int = 2  # keep the last k epoch checkpoints
+    merge: bool = False  # also write merged.safetensors when the methods can be merged
+    progress: bool = True  # tqdm bar (shown only on a TTY)
+
+
+SECTIONS = {"data": DataConfig, "method": MethodSection, "optim": OptimConfig, "sched": SchedConfig}
+
+
+def valid_keys() -> list[str]:
+    """Every accepted dotted key, e.g. `optim.lr`; `method.<field>` stands for method fields."""
+    keys = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in SECTIONS]
+    for name, cls in SECTIONS.items():
+        fields = [f.name for f in dataclasses.fields(cls) if f.name != "overrides"]
+        keys += [f"{name}.{f}" for f in fields]
+    return keys + ["method.<any field of the method's config>"]
+
+
+# ----------------------------------------------------------------------------- raw dict stage
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a config file into a nested dict, resolving `base:` (relative to the file; child wins)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"circular `base:` chain: {' -> '.join(map(str, _seen + (path,)))}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(raw).__name__}")
+    check_keys(raw, str(path))
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    bases = [base] if isinstance(base, str) else list(base)
+    merged: dict = {}
+    for b in bases:
+        merged = merge_dicts(merged, read_yaml(path.parent / b, _seen + (path,)))
+    return merge_dicts(merged, raw)
+
+
+def merge_dicts(base: dict, child: dict) -> dict:
+    """Recursive dict merge, child wins. A child `method` naming another method replaces the base's."""
+    out = dict(base)
+    for key, value in child.items():
+        if key == "method" and isinstance(value, dict) and isinstance(out.get(key), dict):
+            if "name" in value and value["name"] != out[key].get("name"):
+                out[key] = dict(value)
+                continue
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def check_keys(raw: dict, source: str) -> None:
+    """ConfigError naming the key and `source` for any key TrainConfig does not have."""
+    top = {f.name for f in dataclasses.fields(TrainConfig)} | {"base"}
+    for key, value in raw.items():
+        if key not in top:
+            raise ConfigError(f"{source}: unknown key {key!r}; valid keys: {', '.join(valid_keys())}")
+        if key in SECTIONS and key != "method":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {key!r} must be a mapping, got {value!r}")
+            names = {f.name for f in dataclasses.fields(SECTIONS[key])}
+            for sub in value:
+                if sub not in names:
+                    raise ConfigError(
+                        f"{source}: unknown key '{key}.{sub}'; valid keys: {', '.join(k for k in valid_keys() if k.startswith(key + '.'))}"
+                    )
+        if key == "method" and not isinstance(value, (dict, str)):
+            raise ConfigError(f"{source}: 'method' must be a mapping (name: ..., fields...) or a name, got {value!r}")
+
+
+def apply_override(raw: dict, item: str) -> dict:
+    """Apply one `dotted.key=value` override (value parsed with yaml.safe_load) to a raw dict."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=0.01")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    value = yaml.safe_load(text) if text.strip() else None
+    nested: Any = value
+    for part in reversed(parts[1:]):
+        nested = {part: nested}
+    patch = {parts[0]: nested}
+    if parts[0] == "method" and len(parts) == 1 and isinstance(value, str):
+        patch = {"method": {"name": value}}
+    check_keys(patch, f"override {item!r}")
+    if parts[0] in SECTIONS and len(parts) > 2:
+        raise ConfigError(f"override {item!r}: '{'.'.join(parts[:2])}' is not a section; valid keys: {', '.join(valid_keys())}")
+    return merge_dicts(raw, patch)
+
+
+# ----------------------------------------------------------------------------- typed stage
+
+
+def from_dict(raw: dict, source: str = "config") -> TrainConfig:
+    """Build a TrainConfig from a nested dict (checked and type-coerced)."""
+    raw = dict(raw)
+    raw.pop("base", None)
+    check_keys(raw, source)
+    kwargs = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in raw:
+            continue
+        value = raw[f.name]
+        if f.name == "method":
+            method = {"name": value} if isinstance(value, str) else dict(value)
+            name = method.pop("name", MethodSection.name)
+            kwargs["method"] = MethodSection(name=_coerce(name, str, source, "method.name"), overrides=method)
+        elif f.name in SECTIONS:
+            kwargs[f.name] = _build(SECTIONS[f.name], value, source, f.name + ".")
+        else:
+            kwargs[f.name] = _coerce(value, _hints(TrainConfig)[f.name], source, f.name)
+    cfg = TrainConfig(**kwargs)
+    validate(cfg, source)
+    return cfg
+
+
+CHOICES = {
+    "data.kind": ("imagefolder", "vtab", "digits"),
+    "optim.name": ("adamw", "sgd"),
+    "optim.lr_scaling": ("none", "linear256"),
+    "sched.name": ("cosine", "constant"),
+    "mixed_precision": (None, "no", "fp16", "bf16", "fp8"),
+}
+
+
+def validate(cfg: TrainConfig, source: str = "config") -> None:
+    """ConfigError for out-of-range values and, when the core is importable, bad method fields."""
+    values = {
+        "data.kind": cfg.data.kind,
+        "optim.name": cfg.optim.name,
+        "optim.lr_scaling": cfg.optim.lr_scaling,
+        "sched.name": cfg.sched.name,
+        "mixed_precision": cfg.mixed_precision,
+    }
+    for key, value in values.items():
+        if value not in CHOICES[key]:
+            raise ConfigError(f"{source}: {key} must be one of {CHOICES[key]}, got {value!r}")
+    for key in ("epochs", "batch_size", "grad_accum_steps", "keep_checkpoints"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{source}: {key} must be >= 1, got {getattr(cfg, key)}")
+    try:
+        from petl_vision import make_config
+    except ImportError:  # the core is not there yet: pv.apply will check the method fields
+        return
+    try:
+        make_config(cfg.method.name, **cfg.method.overrides)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{source}: method {cfg.method.name!r}: {e}") from e
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """TrainConfig from a YAML file (or the defaults when `path` is None) plus `key=value` overrides."""
+    raw = read_yaml(path) if path is not None else {}
+    for item in overrides:
+        raw = apply_override(raw, item)
+    return from_dict(raw, str(path) if path is not None else "config")
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    """Plain nested dict (YAML-able) of a TrainConfig; method overrides are flattened into `method`."""
+    out = dataclasses.asdict(cfg)
+    out["method"] = {"name": cfg.method.name, **cfg.method.overrides}
+    return out
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls, values: dict, source: str, prefix: str):
+    hints = _hints(cls)
+    return cls(**{k: _coerce(v, hints[k], source, prefix + k) for k, v in values.items()})
+
+
+def _coerce(value, tp, source: str, key: str):
+    """Check / convert `value` to type `tp` (handles PyYAML reading `5e-3` as a string)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], source, key)
+    origin = typing.get_origin(tp) or tp
+    try:
+        if origin is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if origin is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and not isinstance(value, bool):
+            if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+                return int(value)
+            raise TypeError
+        if origin is str and isinstance(value, str):
+            return value
+        if origin in (dict, list) and isinstance(value, origin):
+            return value
+    except (TypeError, ValueError):
+        pass
+    expected = getattr(origin, "__name__", str(origin))
+    raise ConfigError(f"{source}: {key} must be {expected}, got {value!r}")
