@@ -118,7 +118,7 @@ def random_pose(polys, rng, glyph: bool):
     pts = np.concatenate(polys)
     lo, hi = pts.min(0), pts.max(0)
     span = max((hi - lo).max(), 1e-6)
-    size = rng.uniform(0.75, 1.0) * CANVAS
+    size = rng.uniform(0.65, 0.95) * CANVAS
     centre = CANVAS / 2 + rng.normal(0, 0.6, 2)
     segs = []
     for p in polys:

@@ -29,12 +29,12 @@ def select_targets(model: nn.Module, accept, pattern: str | None = None) -> list
     """(name, module) of host modules outside the classifier head for which `accept(module)` holds.
 
     pattern: optional regular expression searched in the module name to narrow the selection.
-    Modules inside wrappers already placed by a method are not selected again.
+    Wrappers placed by a method are never selected themselves; the layers they wrap can be (LoRA
+    on a linear that SSF wraps).
     """
     regex = re.compile(pattern) if pattern else None
-    wrapped = {id(m) for _, w in host_modules(model) if isinstance(w, WrapperLayer) for m in w.modules()}
     return [
         (name, module)
         for name, module in host_modules(model, exclude=classifier_modules(model))
-        if id(module) not in wrapped and accept(module) and (regex is None or regex.search(name))
+        if not isinstance(module, WrapperLayer) and accept(module) and (regex is None or regex.search(name))
     ]

@@ -1,0 +1,45 @@
+"""Per-epoch metric logging: metrics.jsonl always, TensorBoard when it is installed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends one JSON line per epoch to `<output_dir>/metrics.jsonl` (and TensorBoard scalars)."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+        except ImportError:  # tensorboard not installed: jsonl only
+            self.writer = None
+
+    def truncate_after(self, epoch: int) -> None:
+        """Drop lines for epochs after `epoch` (written by a run that stopped before checkpointing)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epoch]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["epoch"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

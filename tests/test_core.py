@@ -1,0 +1,172 @@
+"""The core contract: API errors, composition, frozen eval mode, VPT token layout."""
+import pytest
+import torch
+from conftest import input_for, make_host
+
+import petl_vision as pv
+
+
+def test_list_methods_and_configs():
+    assert {"ssf", "vpt", "linear", "full", "bitfit", "lora"} <= set(pv.list_methods())
+    assert pv.make_config("vpt", num_prompts=3) == pv.VPTConfig(num_prompts=3)
+    assert pv.get_config_class("ssf") is pv.SSFConfig
+
+
+def test_unknown_method_and_field_errors():
+    model = make_host("vit")
+    with pytest.raises(pv.UnknownMethodError, match="registered methods: .*ssf"):
+        pv.apply(model, "ssff")
+    with pytest.raises(TypeError, match="VPTConfig has no field.*'prompts'"):
+        pv.apply(model, "vpt", prompts=3)
+    with pytest.raises(ValueError, match="num_prompts must be >= 1"):
+        pv.apply(model, "vpt", num_prompts=0)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        pv.apply("not a model", "ssf")
+    assert not hasattr(model, "petl") and all(p.requires_grad for p in model.parameters())
+
+
+def test_apply_twice_is_an_error():
+    model = pv.apply(make_host("vit"), "ssf")
+    with pytest.raises(ValueError, match="'ssf' is already applied"):
+        pv.apply(model, "ssf")
+
+
+def test_unsupported_host_names_supported_families():
+    with pytest.raises(pv.UnsupportedHostError, match="needs a token-based host; got ResNet.*VisionTransformer"):
+        pv.apply(make_host("resnet"), "vpt")
+
+
+def test_summary_is_printable_with_attributes():
+    s = pv.summary(pv.apply(make_host("vit"), "ssf"))
+    assert s.trainable == s.by_method["ssf"] and s.total > s.trainable
+    assert "ssf" in str(s) and f"{s.trainable:,}" in str(s)
+    assert 0 < s.trainable_percent < 100
+
+
+def test_compose_ssf_and_vpt():
+    model = make_host("vit")
+    pv.apply(model, "ssf")
+    pv.apply(model, "vpt", num_prompts=2)
+    s = pv.summary(model)
+    assert s.added["vpt"] == 2 * 2 * 32 and s.added["ssf"] > 0
+    head = sum(p.numel() for p in model.head.parameters())
+    assert s.trainable == s.added["ssf"] + s.added["vpt"] + head
+    model(input_for("vit")).sum().backward()
+    assert model.petl.vpt.prompts.grad is not None
+    assert model.blocks[0].norm1.scale.grad is not None
+
+
+def test_compose_ssf_then_lora_merges_exactly():
+    model = make_host("vit")
+    pv.apply(model, "ssf")
+    pv.apply(model, "lora", r=2)
+    assert model.blocks[0].norm1.scale.requires_grad  # peft did not freeze SSF
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "scale" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    x = input_for("vit")
+    before = model(x)
+    pv.merge(model)
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_then_ssf_is_refused():
+    model = pv.apply(make_host("vit"), "lora")
+    with pytest.raises(pv.UnsupportedHostError, match="apply 'ssf' before 'lora'"):
+        pv.apply(model, "ssf")
+
+
+def test_frozen_modules_stay_in_eval_mode():
+    model = pv.apply(make_host("vit"), "vpt")
+    model.train()
+    model(input_for("vit"))
+    assert model.training and model.head.training and model.petl.vpt.dropout.training
+    assert not any(m.training for m in model.blocks.modules())
+    assert not model.norm.training
+    model.eval()
+    assert not model.petl.vpt.training
+
+
+def test_frozen_batchnorm_statistics_do_not_move():
+    model = pv.apply(make_host("resnet"), "ssf")
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model.train()
+    model(input_for("resnet")).sum().backward()
+    after = {k: v for k, v in model.state_dict().items() if "running" in k}
+    assert stats.keys() == after.keys() and all(torch.equal(stats[k], after[k]) for k in stats)
+
+
+def test_full_finetuning_trains_batchnorm_statistics_and_saves_them(tmp_path):
+    model = pv.apply(make_host("resnet"), "full")
+    model.train()
+    model(input_for("resnet"))
+    model.eval()
+    expected = model(input_for("resnet"))
+    pv.save_adapter(model, tmp_path)
+    fresh = pv.load_adapter(make_host("resnet"), tmp_path)
+    assert torch.equal(fresh(input_for("resnet")), expected)
+
+
+@pytest.mark.parametrize("host", ["vit", "vit_reg_avg", "deit_distilled"])
+@pytest.mark.parametrize("deep", [True, False])
+def test_vpt_token_layout(host, deep):
+    model = pv.apply(make_host(host), "vpt", num_prompts=3, deep=deep)
+    prompts = model.petl.vpt.prompts
+    n = model.num_prefix_tokens
+    seen = {}
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].detach().clone()))
+    features = model.forward_features(input_for(host))
+    num_patches = model.patch_embed.num_patches
+    assert features.shape[1] == n + num_patches  # prompts dropped after the last block
+    for i, x in seen.items():
+        assert x.shape[1] == n + 3 + num_patches
+        if i == 0 or deep:
+            assert torch.equal(x[0, n:n + 3], prompts[i if deep else 0])
+        else:
+            assert not torch.equal(x[0, n:n + 3], prompts[0])  # shallow: prompts pass through the block
+
+
+def test_vpt_projection_and_dropout():
+    model = pv.apply(make_host("vit"), "vpt", num_prompts=4, project_dim=8, dropout=0.5)
+    vpt = model.petl.vpt
+    assert vpt.prompts.shape == (2, 4, 8) and vpt.proj.weight.shape == (32, 8)
+    model.train()
+    a, b = vpt.layer_prompts(0, 1), vpt.layer_prompts(0, 1)
+    assert not torch.equal(a, b)  # dropout is active in training
+    model.eval()
+    assert torch.equal(vpt.layer_prompts(0, 1), vpt.layer_prompts(0, 1))
+
+
+def test_ssf_placement_on_vit():
+    model = pv.apply(make_host("vit"), "ssf")
+    wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, pv.methods.ssf.SSFLayer))
+    block = ["attn.proj", "attn.qkv", "mlp.fc1", "mlp.fc2", "norm1", "norm2"]
+    assert wrapped == sorted(["norm", "patch_embed.proj"] + [f"blocks.{i}.{n}" for i in range(2) for n in block])
+    assert model.patch_embed.proj.channel_dim == 1 and model.blocks[0].attn.qkv.channel_dim == -1
+    assert model.blocks[0].attn.qkv.in_features == 32  # wrapper forwards attribute lookups to base
+
+
+def test_ssf_init_statistics():
+    torch.manual_seed(0)
+    import timm
+
+    model = pv.apply(timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0), "ssf")
+    scales = torch.cat([m.scale for m in model.modules() if isinstance(m, pv.methods.ssf.SSFLayer)])
+    shifts = torch.cat([m.shift for m in model.modules() if isinstance(m, pv.methods.ssf.SSFLayer)])
+    assert scales.mean().item() == pytest.approx(1.0, abs=2e-3) and scales.std().item() == pytest.approx(0.02, rel=0.05)
+    assert shifts.mean().item() == pytest.approx(0.0, abs=2e-3) and shifts.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_ssf_target_modules_pattern():
+    model = pv.apply(make_host("vit"), "ssf", target_modules=r"norm")
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, pv.methods.ssf.SSFLayer)}
+    assert wrapped == {"norm", "blocks.0.norm1", "blocks.0.norm2", "blocks.1.norm1", "blocks.1.norm2"}
+    with pytest.raises(pv.UnsupportedHostError, match="matches no eligible layer"):
+        pv.apply(make_host("vit"), "ssf", target_modules="nothing_here")
+
+
+def test_merge_without_methods_is_an_error():
+    with pytest.raises(pv.MergeError, match="no petl_vision method"):
+        pv.merge(make_host("vit"))
