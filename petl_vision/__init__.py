@@ -4,22 +4,25 @@
     model = pv.apply(timm.create_model("vit_base_patch16_224", num_classes=100), "ssf")
     print(pv.summary(model))
     pv.save_adapter(model, "runs/ssf")
+
+Every registered method's config class is exported here under its own name (`pv.SSFConfig`,
+`pv.VPTConfig`, ...): a new file under `petl_vision/methods/` needs no edit of this file.
 """
 from . import methods as _methods  # noqa: F401  (registers every method)
 from .core.api import Summary, apply, can_merge, merge, summary
 from .core.errors import AdapterFileError, AdapterMismatchError, MergeError, UnknownMethodError, UnsupportedHostError
 from .core.io import load_adapter, save_adapter
 from .core.registry import Method, MethodConfig, get_config_class, get_method, list_methods, make_config, register_method
-from .methods.baselines import BitFitConfig, FullConfig, LinearConfig
-from .methods.lora import LoRAConfig
-from .methods.ssf import SSFConfig
-from .methods.vpt import VPTConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterFileError", "AdapterMismatchError", "BitFitConfig", "FullConfig", "LinearConfig", "LoRAConfig",
-    "MergeError", "Method", "MethodConfig", "SSFConfig", "Summary", "UnknownMethodError", "UnsupportedHostError",
-    "VPTConfig", "apply", "can_merge", "get_config_class", "get_method", "list_methods", "load_adapter",
-    "make_config", "merge", "register_method", "save_adapter", "summary",
+    "AdapterFileError", "AdapterMismatchError", "MergeError", "Method", "MethodConfig", "Summary",
+    "UnknownMethodError", "UnsupportedHostError", "apply", "can_merge", "get_config_class", "get_method",
+    "list_methods", "load_adapter", "make_config", "merge", "register_method", "save_adapter", "summary",
 ]
+
+for _name in list_methods():
+    _config_class = get_config_class(_name)
+    globals()[_config_class.__name__] = _config_class
+    __all__.append(_config_class.__name__)

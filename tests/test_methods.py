@@ -9,7 +9,14 @@ import petl_vision as pv
 
 
 def pairs():
-    return [(m, h) for m in pv.list_methods() for h in sorted(HOSTS)]
+    """Every image method x every host; a method is tested here the moment it registers."""
+    return [(m, h) for m in pv.list_methods() if pv.get_method(m).input_kind == "image" for h in sorted(HOSTS)]
+
+
+def test_every_config_is_exported():
+    for name in pv.list_methods():
+        config_class = pv.get_config_class(name)
+        assert getattr(pv, config_class.__name__) is config_class and config_class.name == name
 
 
 def supported(method, host):

@@ -36,6 +36,9 @@ class Method:
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     mergeable: ClassVar[bool] = False
     merge_refusal: ClassVar[str] = "it changes the architecture"
+    # What the adapted model takes as input: "image" (B, C, H, W) for classifiers; other kinds
+    # ("points", "latents", ...) are tested by their own test files, not by the generic image tests.
+    input_kind: ClassVar[str] = "image"
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
