@@ -25,6 +25,7 @@ class TokenHost:
     num_prefix_tokens: tokens before the patch tokens (CLS, registers, distillation).
     patch_size: (ph, pw) of the patch embedding.
     in_chans: image channels.
+    norm: the final norm applied to the last block's output (None when the host has none).
     """
 
     blocks: list[nn.Module]
@@ -32,6 +33,11 @@ class TokenHost:
     num_prefix_tokens: int
     patch_size: tuple[int, int]
     in_chans: int = 3
+    norm: nn.Module | None = None
+
+    def grid_size(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """Patch grid (gh, gw) of an (H, W) image: the patch tokens reshape to (B, gh, gw, D)."""
+        return image_hw[0] // self.patch_size[0], image_hw[1] // self.patch_size[1]
 
 
 def register_token_host(family: str):
@@ -69,4 +75,5 @@ def _timm_vit(model: nn.Module) -> TokenHost | None:
         num_prefix_tokens=model.num_prefix_tokens,
         patch_size=tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch),
         in_chans=model.patch_embed.proj.in_channels,
+        norm=model.norm,
     )

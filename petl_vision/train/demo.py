@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from accelerate import PartialState
+
 from .config import load_config
 from .trainer import train
 
@@ -29,10 +31,10 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[
     """
     if not Path(config).is_file():
         raise FileNotFoundError(f"demo config not found: {config} (expected configs/demo_digits.yaml in the repository)")
-    rows = []
+    rows, say = [], PartialState().print  # prints on the main process only
     for label, extra, sub in VARIANTS:
         cfg = load_config(config, [*extra, f"output_dir={Path(output_dir) / sub}", *overrides])
-        print(f"\n== {label}: method {cfg.method.name}, {cfg.epochs} epochs ==")
+        say(f"\n== {label}: method {cfg.method.name}, {cfg.epochs} epochs ==")
         start = time.perf_counter()
         result = train(cfg)
         rows.append(
@@ -45,7 +47,7 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[
                 "seconds": time.perf_counter() - start,
             }
         )
-    print("\n" + format_table(rows))
+    say("\n" + format_table(rows))
     return rows
 
 
