@@ -24,7 +24,11 @@ def apply(model: nn.Module, method: str | MethodConfig, **overrides) -> nn.Modul
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply: `model` must be a torch.nn.Module, got {type(model).__name__}")
-    config = make_config(method, **overrides)
+    return _apply(model, make_config(method, **overrides))
+
+
+def _apply(model: nn.Module, config: MethodConfig, saved: dict | None = None) -> nn.Module:
+    """`apply` with a config; with `saved` adapter tensors (from load_adapter) uses `attach_saved`."""
     method_cls = get_method(config.name)
     state = get_state(model)
     if state is not None and config.name in state.method_names:
@@ -38,7 +42,10 @@ def apply(model: nn.Module, method: str | MethodConfig, **overrides) -> nn.Modul
         model.requires_grad_(False)
         model.add_module(STATE_NAME, state)
     before = {id(p): p.requires_grad for p in model.parameters()}
-    method_cls.attach(model, config)
+    if saved is None:
+        method_cls.attach(model, config)
+    else:
+        method_cls.attach_saved(model, config, saved)
     params = list(model.parameters())
     added = [p for p in params if id(p) not in before]
     unfrozen = [p for p in params if id(p) in before and p.requires_grad and not before[id(p)]]

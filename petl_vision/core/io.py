@@ -22,7 +22,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .api import apply
+from .api import _apply
 from .errors import AdapterFileError, AdapterMismatchError, UnknownMethodError
 from .registry import config_from_dict
 from .state import fingerprint, get_state, host_class_name, host_shapes
@@ -93,12 +93,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     saved = {k: list(v.shape) for k, v in tensors.items()}
     if saved != meta["tensors"]:
         raise AdapterFileError(f"{weights_path}: tensors differ from those listed in {config_path}: {_diff(meta['tensors'], saved)}")
-    expected = _dry_run(model, configs)
+    expected = _dry_run(model, configs, tensors)
     if expected != saved:
         raise AdapterMismatchError(f"{weights_path}: tensors do not fit the methods applied to this model: {_diff(expected, saved)}")
 
     for config in configs:
-        apply(model, config)
+        _apply(model, config, tensors)
     targets = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for name, tensor in tensors.items():
@@ -174,7 +174,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise AdapterFileError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def _dry_run(model: nn.Module, configs: list) -> dict[str, list[int]]:
+def _dry_run(model: nn.Module, configs: list, saved: dict) -> dict[str, list[int]]:
     """Names and shapes of the adapter tensors the configs create, computed on a meta-device copy."""
     memo = {}
     for module in model.modules():
@@ -184,7 +184,7 @@ def _dry_run(model: nn.Module, configs: list) -> dict[str, list[int]]:
             memo[id(buf)] = torch.empty_like(buf, device="meta")
     shadow = copy.deepcopy(model, memo)
     for config in configs:
-        apply(shadow, config)
+        _apply(shadow, config, saved)
     return {k: list(v.shape) for k, v in adapter_state_dict(shadow).items()}
 
 

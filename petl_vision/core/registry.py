@@ -58,6 +58,17 @@ class Method:
         raise NotImplementedError
 
     @classmethod
+    def attach_saved(cls, model: nn.Module, config: MethodConfig, saved: dict) -> None:
+        """Attach for `load_adapter`, given the saved adapter tensors (state_dict names -> tensors).
+
+        Override when what `attach` creates depends on data the file holds (SaRA's selected entries
+        depend on the weights at training time). Also called on a meta-device copy of the model
+        during the load's dry run, where tensor values are unavailable: read shapes, not values,
+        of the model's tensors there. Default: `attach`.
+        """
+        cls.attach(model, config)
+
+    @classmethod
     def merge(cls, model: nn.Module, config: MethodConfig) -> None:
         """Fold the method into the host's weights. Only called when `mergeable` is True."""
 
