@@ -163,8 +163,10 @@ def test_ssf_target_modules_pattern():
     model = pv.apply(make_host("vit"), "ssf", target_modules=r"norm")
     wrapped = {n for n, m in model.named_modules() if isinstance(m, pv.methods.ssf.SSFLayer)}
     assert wrapped == {"norm", "blocks.0.norm1", "blocks.0.norm2", "blocks.1.norm1", "blocks.1.norm2"}
+    model = make_host("vit")
     with pytest.raises(pv.UnsupportedHostError, match="matches no eligible layer"):
-        pv.apply(make_host("vit"), "ssf", target_modules="nothing_here")
+        pv.apply(model, "ssf", target_modules="nothing_here")
+    assert not hasattr(model, "petl") and all(p.requires_grad for p in model.parameters())  # rolled back
 
 
 def test_merge_without_methods_is_an_error():

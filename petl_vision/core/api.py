@@ -37,15 +37,25 @@ def _apply(model: nn.Module, config: MethodConfig, saved: dict | None = None) ->
         raise UnsupportedHostError(f"{type(model).__name__} already has an attribute {STATE_NAME!r}; petl_vision needs that name")
     method_cls.check_host(model)
 
-    if state is None:
+    created = state is None
+    if created:
         state = PetlState(model)
         model.requires_grad_(False)
         model.add_module(STATE_NAME, state)
     before = {id(p): p.requires_grad for p in model.parameters()}
-    if saved is None:
-        method_cls.attach(model, config)
-    else:
-        method_cls.attach_saved(model, config, saved)
+    try:
+        if saved is None:
+            method_cls.attach(model, config)
+        else:
+            method_cls.attach_saved(model, config, saved)
+    except Exception:
+        # Methods validate before they modify the model; undo what the core did here.
+        if created:
+            remove_state(model)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(before.get(id(p), False))
+        raise
     params = list(model.parameters())
     added = [p for p in params if id(p) not in before]
     unfrozen = [p for p in params if id(p) in before and p.requires_grad and not before[id(p)]]
