@@ -71,6 +71,7 @@ class Summary:
     total: all parameters. trainable: those with requires_grad.
     by_method: per method, the trainable parameters it added plus the host parameters it unfroze
         (the head, biases, ...). added: per method, the parameters it added (trainable or not).
+    notes: per method, an extra line the method reports (e.g. mask tuning's masked-off share).
     """
 
     total: int
@@ -78,6 +79,7 @@ class Summary:
     by_method: dict[str, int]
     added: dict[str, int]
     host_class: str
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def trainable_percent(self) -> float:
@@ -87,6 +89,8 @@ class Summary:
         lines = [f"{self.host_class}"]
         for name, count in self.by_method.items():
             lines.append(f"  {name:<12} trainable {count:>14,}  (added {self.added[name]:,})")
+            if self.notes.get(name):
+                lines.append(f"  {'':<12} {self.notes[name]}")
         lines.append(f"  {'trainable':<12} {self.trainable:>24,} / {self.total:,} ({self.trainable_percent:.3f}%)")
         return "\n".join(lines)
 
@@ -95,19 +99,21 @@ def summary(model: nn.Module) -> Summary:
     """Trainable and total parameter counts, per method. Works on any module."""
     params = list(model.parameters())
     state = get_state(model)
-    by_method, added = {}, {}
+    by_method, added, notes = {}, {}, {}
     seen: set[int] = set()
     for applied in state.applied if state else []:
         owned = [p for p in applied.added + applied.unfrozen if p.requires_grad and id(p) not in seen]
         seen |= {id(p) for p in owned}
         by_method[applied.name] = sum(p.numel() for p in owned)
         added[applied.name] = sum(p.numel() for p in applied.added)
+        notes[applied.name] = get_method(applied.name).summary_note(model, applied.config)
     return Summary(
         total=sum(p.numel() for p in params),
         trainable=sum(p.numel() for p in params if p.requires_grad),
         by_method=by_method,
         added=added,
         host_class=type(model).__name__,
+        notes={k: v for k, v in notes.items() if v},
     )
 
 

@@ -58,6 +58,11 @@ class Method:
         raise NotImplementedError
 
     @classmethod
+    def summary_note(cls, model: nn.Module, config: MethodConfig) -> str:
+        """An extra line for `pv.summary` (mask tuning: the share of weights masked off)."""
+        return ""
+
+    @classmethod
     def attach_saved(cls, model: nn.Module, config: MethodConfig, saved: dict) -> None:
         """Attach for `load_adapter`, given the saved adapter tensors (state_dict names -> tensors).
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..core.errors import UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
+from ..core.state import get_state
 from ..hosts import unfreeze_head
 from ._wrap import select_targets
 
@@ -26,7 +27,8 @@ class LoRAConfig(MethodConfig):
 
     r: rank. alpha: scaling numerator (update scaled by alpha / r). dropout: on the LoRA input.
     target_modules: regular expression searched in module names to restrict the nn.Linear layers
-        (default: every nn.Linear outside the classifier head).
+        (default: every nn.Linear outside the classifier head, except nn.MultiheadAttention's
+        out_proj, whose weight MHA reads directly).
     train_head: train the classifier head too.
     """
 
@@ -42,6 +44,16 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and not isinstance(module, LoraLayer)
 
 
+def _mha_out_projections(model: nn.Module) -> set[int]:
+    """ids of nn.MultiheadAttention.out_proj layers: MHA reads their weight without calling them."""
+    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
+def _targets(model: nn.Module, pattern: str | None = None) -> list[str]:
+    skip = _mha_out_projections(model)
+    return [name for name, m in select_targets(model, _is_linear, pattern) if id(m) not in skip]
+
+
 @register_method
 class LoRA(Method):
     name = "lora"
@@ -50,12 +62,15 @@ class LoRA(Method):
 
     @classmethod
     def check_host(cls, model: nn.Module) -> None:
-        if not select_targets(model, _is_linear):
+        state = get_state(model)
+        if state is not None and "mask_tuning" in state.method_names:
+            raise UnsupportedHostError("apply 'lora' before 'mask_tuning': LoRA's merge would write into the masked weight's copy")
+        if not _targets(model):
             raise UnsupportedHostError(f"method 'lora' found no nn.Linear outside the head of {type(model).__name__}")
 
     @classmethod
     def attach(cls, model: nn.Module, config: LoRAConfig) -> None:
-        names = [name for name, _ in select_targets(model, _is_linear, config.target_modules)]
+        names = _targets(model, config.target_modules)
         if not names:
             raise UnsupportedHostError(f"lora: target_modules={config.target_modules!r} matches no nn.Linear of {type(model).__name__}")
         trainable = [p for p in model.parameters() if p.requires_grad]

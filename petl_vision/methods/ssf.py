@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import open_clip.transformer as open_clip_layers
 import torch
 from timm.layers import LayerNorm, LayerNorm2d
 from torch import nn
@@ -47,6 +48,8 @@ _CHANNEL_DIM = {
     nn.LayerNorm: -1,
     LayerNorm: -1,
     LayerNorm2d: 1,
+    open_clip_layers.LayerNorm: -1,
+    open_clip_layers.LayerNormFp32: -1,
     nn.Conv1d: 1,
     nn.Conv2d: 1,
     nn.Conv3d: 1,
@@ -117,8 +120,9 @@ class SSF(Method):
     @classmethod
     def check_host(cls, model: nn.Module) -> None:
         state = get_state(model)
-        if state is not None and "lora" in state.method_names:
-            raise UnsupportedHostError("apply 'ssf' before 'lora': LoRA wraps the linears SSF scales")
+        for later in ("lora", "mask_tuning"):
+            if state is not None and later in state.method_names:
+                raise UnsupportedHostError(f"apply 'ssf' before {later!r}: it changes the layers SSF follows")
         if not select_targets(model, _num_channels):
             raise UnsupportedHostError(f"method 'ssf' found no linear, convolution or norm layer to follow in {type(model).__name__}")
 

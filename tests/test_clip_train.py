@@ -1,0 +1,120 @@
+"""Few-shot CLIP training: k-shot sampling, class names, config loading, the script end to end."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_clip import TINY_CFG, tiny_clip
+
+import petl_vision as pv
+from petl_vision.clip import CLIPClassifier, few_shot_indices, read_class_names
+from petl_vision.data import DataError
+from petl_vision.train.clip import load_clip_config
+from petl_vision.train.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["golden_retriever", "red_car", "tabby_cat"]
+
+
+def make_folder(root: Path, per_class: dict[str, int]) -> None:
+    """PNG images (40 x 40) whose colour depends on the class, with noise."""
+    rng = np.random.default_rng(0)
+    for split, count in per_class.items():
+        for c, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                base = np.zeros((40, 40, 3))
+                base[..., c] = 200
+                img = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(root / split / name / f"{i}.png")
+
+
+def run_script(argv):
+    spec = importlib.util.spec_from_file_location("train_clip", ROOT / "scripts" / "train_clip.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script.main(argv)
+
+
+def test_few_shot_indices():
+    targets = [0] * 20 + [1] * 20 + [2] * 3
+    picked = few_shot_indices(targets, 16, seed=1)
+    assert len(picked) == 16 + 16 + 3 and picked == sorted(picked)
+    assert [sum(targets[i] == c for i in picked) for c in range(3)] == [16, 16, 3]
+    assert picked == few_shot_indices(targets, 16, seed=1) != few_shot_indices(targets, 16, seed=2)
+    assert few_shot_indices(targets, 0, seed=1) == list(range(len(targets)))
+
+
+def test_class_names_file(tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_text("golden retriever\n\nred car\ntabby cat\n")
+    assert read_class_names(names, CLASSES) == ["golden retriever", "red car", "tabby cat"]
+    with pytest.raises(DataError, match="3 class names for 2 class folders"):
+        read_class_names(names, CLASSES[:2])
+    with pytest.raises(DataError, match="class names file not found"):
+        read_class_names(tmp_path / "missing.txt", CLASSES)
+
+
+def test_config_loading_and_errors():
+    config = ROOT / "configs" / "clip_fewshot_oxford_pets.yaml"
+    cfg = load_clip_config(config, ["data.shots=4", "clip.train_text=true", "optim.lr=1e-4", "method.grad_dropout_lambda=1.0"])
+    assert (cfg.data.shots, cfg.data.templates, cfg.clip.train_text, cfg.train.optim.lr) == (4, "oxford_pets", True, 1e-4)
+    assert cfg.train.method.name == "mask_tuning" and cfg.train.method.overrides["grad_dropout_lambda"] == 1.0
+    assert (cfg.train.epochs, cfg.train.optim.weight_decay, cfg.train.sched.warmup_epochs) == (30, 0.0, 0.0)
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['data.shot'\]"):
+        load_clip_config(config, ["data.shot=4"])
+    with pytest.raises(ConfigError, match="data.templates: .*unknown template set"):
+        load_clip_config(config, ["data.templates=pets"])
+    with pytest.raises(ConfigError, match="grad_dropout_lambda must be in"):
+        load_clip_config(config, ["method.grad_dropout_lambda=2"])
+
+
+def test_script_runs_16_shots_end_to_end(tmp_path, capsys):
+    make_folder(tmp_path / "data", {"train": 18, "val": 4})
+    arch = tmp_path / "petl-tiny-clip-b.json"
+    arch.write_text(json.dumps(TINY_CFG))
+    ckpt = tmp_path / "clip.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tiny_clip(seed=5).state_dict().items()}, str(ckpt))
+    result = run_script([
+        "--config", str(ROOT / "configs" / "clip_fewshot_oxford_pets.yaml"), "--output-dir", str(tmp_path / "run"), "--merge",
+        f"model={arch.stem}", f"checkpoint={ckpt}", f"clip.model_config={arch}", f"data.root={tmp_path / 'data'}",
+        "data.templates=default", "epochs=2", "batch_size=16", "eval_batch_size=12", "optim.lr=1e-2",
+    ])
+    printed = capsys.readouterr().out
+    assert "3 classes, 48 training images (16 shots), 12 eval images" in printed
+    assert "zero-shot: top1" in printed and "-> tuned top1" in printed and "mask_tuning" in printed
+    assert len(result["history"]) == 2 and result["history"][-1]["step"] == 2 * 3  # 48 images / 16
+    assert 0.0 <= result["zero_shot"]["top1"] <= 100.0 and 0.0 <= result["metrics"]["top1"] <= 100.0
+    assert 0.0 < result["masked_fraction"] < 1.0  # lr 1e-2 on scores starting 5e-3 above the threshold
+    assert (tmp_path / "run" / "adapter" / "adapter.safetensors").is_file()
+    assert (tmp_path / "run" / "merged.safetensors").is_file()
+    # The saved adapter reproduces the tuned classifier on a fresh CLIP loaded from the same file.
+    model, tokenizer = pv.clip.load_clip(model_config=arch, pretrained=str(ckpt))
+    fresh = pv.load_adapter(CLIPClassifier(model, [c.replace("_", " ") for c in CLASSES], tokenizer=tokenizer), tmp_path / "run" / "adapter")
+    tuned = result["model"].eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fresh(x), tuned(x))
+
+
+def test_resume_continues_exactly(tmp_path):
+    from petl_vision.methods import mask_tuning as mt
+    from petl_vision.train.clip import train_clip
+
+    make_folder(tmp_path / "data", {"train": 3, "val": 1})
+    arch = tmp_path / "petl-tiny-clip-c.json"
+    arch.write_text(json.dumps(TINY_CFG))
+    overrides = [f"model={arch.stem}", "pretrained=false", f"clip.model_config={arch}", f"data.root={tmp_path / 'data'}",
+                 "data.shots=2", "data.templates=default", "epochs=2", "batch_size=3", "optim.lr=1e-2"]
+    config = ROOT / "configs" / "clip_fewshot_oxford_pets.yaml"
+    full = train_clip(load_clip_config(config, overrides + [f"output_dir={tmp_path / 'full'}"]))
+    train_clip(load_clip_config(config, overrides + [f"output_dir={tmp_path / 'part'}"]), stop_after_epoch=1)
+    resumed = train_clip(load_clip_config(config, overrides + [f"output_dir={tmp_path / 'part'}"]), resume=True)
+    assert [h["epoch"] for h in resumed["history"]] == [2]
+    assert resumed["history"][0]["train_loss"] == full["history"][1]["train_loss"]
+    for (name, a), (_, b) in zip(mt.masks(full["model"]), mt.masks(resumed["model"])):
+        assert torch.equal(a.score, b.score), name

@@ -1,0 +1,211 @@
+"""Regularized Mask Tuning: straight-through mask, threshold, merge, SSF composition, R-AMT terms."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import input_for, make_host
+from open_clip.transformer import VisionTransformer
+from torch import nn
+from torch.nn.utils import parametrize
+
+import petl_vision as pv
+from petl_vision.methods import mask_tuning as mt
+
+
+def tiny_tower(seed: int = 0) -> VisionTransformer:
+    torch.manual_seed(seed)
+    return VisionTransformer(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_ratio=2.0, output_dim=16).eval()
+
+
+def images() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def set_scores(model, seed=1, std=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in mt.masks(model):
+            m.score.copy_(0.01 + std * torch.randn(m.score.shape, generator=g))
+
+
+def test_defaults_are_the_official_recipe():
+    c = pv.MaskTuningConfig()
+    assert (c.score_init, c.threshold, c.reg_weight, c.grad_dropout_lambda, c.kl_temperature) == (1e-2, 5e-3, 1e-4, 0.3, 1.0)
+    assert c.grad_dropout and not c.mask_mlp and not c.train_head
+    with pytest.raises(ValueError, match="grad_dropout_lambda must be in"):
+        pv.MaskTuningConfig(grad_dropout_lambda=1.5)
+
+
+def test_default_targets_on_open_clip_and_timm():
+    tower_names = [n for n, _, _ in mt.find_targets(tiny_tower())]
+    assert tower_names == ["conv1.weight"] + [
+        f"transformer.resblocks.{i}.attn.{w}" for i in range(2) for w in ("in_proj_weight", "out_proj.weight")
+    ]
+    with_mlp = [n for n, _, _ in mt.find_targets(tiny_tower(), mask_mlp=True)]
+    assert len(with_mlp) == 9 and "transformer.resblocks.1.mlp.c_proj.weight" in with_mlp
+    vit_names = [n for n, _, _ in mt.find_targets(make_host("vit"))]
+    assert vit_names == ["patch_embed.proj.weight"] + [f"blocks.{i}.attn.{w}.weight" for i in range(2) for w in ("qkv", "proj")]
+    resnet = [n for n, m, _ in mt.find_targets(make_host("resnet"))]
+    assert resnet and all(isinstance(m, nn.Conv2d) for _, m, _ in mt.find_targets(make_host("resnet")))
+    with pytest.raises(pv.UnsupportedHostError, match="found no attention projection or convolution"):
+        pv.apply(nn.Sequential(nn.LayerNorm(4)), "mask_tuning")
+    with pytest.raises(pv.UnsupportedHostError, match="matches no weight"):
+        pv.apply(tiny_tower(), "mask_tuning", target_params="nothing_here")
+
+
+def test_threshold_semantics_and_initial_identity():
+    tower = tiny_tower()
+    x = images()
+    expected = tower(x)
+    pv.apply(tower, "mask_tuning")
+    assert mt.masked_fraction(tower) == 0.0
+    torch.testing.assert_close(tower(x), expected, rtol=0, atol=0)  # every score 1e-2 > 5e-3: mask of ones
+    mask = mt.masks(tower)[0][1]
+    with torch.no_grad():
+        mask.score.view(-1)[:3] = torch.tensor([5e-3 - 1e-6, 5e-3, 5e-3 + 1e-6])
+    assert mask.mask().view(-1)[:4].tolist() == [0.0, 0.0, 1.0, 1.0]  # kept only where score > threshold
+    masked_weight = tower.conv1.weight.view(-1)
+    original = tower.conv1.parametrizations.weight.original.view(-1)
+    assert masked_weight[:2].tolist() == [0.0, 0.0] and masked_weight[2] == original[2]
+    assert mt.mask_counts(tower) == (2, sum(m.score.numel() for _, m in mt.masks(tower)))
+
+
+def test_straight_through_gradient():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    pv.apply(model, "mask_tuning")
+    mask = mt.masks(model)[0][1]
+    set_scores(model)
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    model[0](x).square().sum().backward()
+    weight = model[0].parametrizations.weight.original.detach()
+    w_eff = (weight * (mask.score > 5e-3)).requires_grad_(True)
+    F.conv2d(x, w_eff, model[0].bias).square().sum().backward()
+    torch.testing.assert_close(mask.score.grad, w_eff.grad * weight)  # d mask / d score = 1
+
+
+def test_merge_bakes_the_mask_into_fused_attention():
+    tower = tiny_tower()
+    keys = list(tower.state_dict())
+    pv.apply(tower, "mask_tuning")
+    set_scores(tower)
+    x = images()
+    expected = tower(x)
+    masks = {n: (m.score > m.threshold).clone() for n, m in mt.masks(tower)}
+    assert 0.2 < mt.masked_fraction(tower) < 0.8
+    copied = pv.merge(copy.deepcopy(tower))  # merging a deep copy leaves the original working
+    torch.testing.assert_close(tower(x), expected, atol=0, rtol=0)
+    torch.testing.assert_close(copied(x), expected, atol=1e-5, rtol=1e-5)
+    merged = pv.merge(tower)
+    assert list(merged.state_dict()) == keys and not hasattr(merged, "petl")
+    assert type(merged.conv1) is nn.Conv2d and type(merged.transformer.resblocks[0].attn) is nn.MultiheadAttention
+    assert not any(parametrize.is_parametrized(m) for m in merged.modules())
+    in_proj = merged.transformer.resblocks[0].attn.in_proj_weight
+    assert torch.all(in_proj[~masks["transformer.resblocks.0.attn.in_proj_weight"]] == 0)
+    torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-5)
+    plain = tiny_tower()
+    plain.load_state_dict(merged.state_dict())
+    torch.testing.assert_close(plain(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_composes_with_ssf_train_both_and_merge():
+    model = make_host("vit")
+    x = input_for("vit")
+    pv.apply(model, "ssf")
+    pv.apply(model, "mask_tuning")
+    s = pv.summary(model)
+    assert s.added["mask_tuning"] == 32 * 3 * 8 * 8 + 2 * (96 * 32 + 32 * 32)  # patch conv + 2 x (qkv + proj)
+    assert s.trainable == s.by_method["ssf"] + s.by_method["mask_tuning"]
+    set_scores(model)
+    model.train()
+    model(x).sum().backward()
+    assert model.blocks[0].attn.qkv.scale.grad is not None  # SSF after the masked qkv
+    assert model.blocks[0].attn.qkv.base.parametrizations.weight[0].score.grad is not None
+    assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+    model.eval()
+    expected = model(x)
+    merged = pv.merge(model)
+    torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-5)
+    assert list(merged.state_dict()) == list(make_host("vit").state_dict())
+
+
+def test_gradient_dropout_formula_on_hand_made_gradients():
+    a = torch.tensor([1.0, 1.0, 1.0, -2.0, 0.5])
+    b = torch.tensor([1.0, -3.0, -1.0, 1.0, 0.0])
+    u = torch.tensor([0.9, 0.2, 0.6, 0.5, 0.99])
+    # P = (sign(a) (a + b) / (|a| + |b|) + 1) / 2: same sign -> 1; a=1,b=-3 -> 0.25; a=1,b=-1 -> 0.5; a=-2,b=1 -> 2/3
+    p = torch.tensor([1.0, 0.25, 0.5, (1 / 3 + 1) / 2, 1.0])
+    torch.testing.assert_close((torch.sign(a) * (a + b) / (a.abs() + b.abs() + 1e-8) + 1) / 2, p)
+    assert torch.equal(mt.gradient_dropout(a, b, 0.0, u), a)  # lambda 0: the CE gradient unchanged
+    keep = (p > u).float()
+    assert keep.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]
+    torch.testing.assert_close(mt.gradient_dropout(a, b, 1.0, u), keep * a)  # lambda 1: kept or dropped
+    torch.testing.assert_close(mt.gradient_dropout(a, b, 0.3, u), (0.7 + 0.3 * keep) * a)
+
+
+def test_gradient_dropout_backward_matches_the_formula():
+    tower = tiny_tower()
+    teacher = copy.deepcopy(tower)
+    pv.apply(tower, "mask_tuning")
+    set_scores(tower, std=0.02)
+    params = [p for p in tower.parameters() if p.requires_grad]
+    x, target = images(), torch.tensor([1, 3])
+    loss_fn = lambda: F.cross_entropy(tower(x), target) + mt.regularization_loss(tower)  # noqa: E731
+    kl_fn = lambda: mt.kl_to_teacher(tower(x), teacher(x).detach())  # noqa: E731
+    a = torch.autograd.grad(loss_fn(), params)
+    b = torch.autograd.grad(kl_fn(), params)
+    g = torch.Generator().manual_seed(7)
+    expected = [mt.gradient_dropout(ai, bi, 0.3, generator=g) for ai, bi in zip(a, b)]
+    logits = tower(x)
+    loss = F.cross_entropy(logits, target) + mt.regularization_loss(tower)
+    kl = mt.kl_to_teacher(logits, teacher(x).detach())
+    mt.gradient_dropout_backward(params, loss, kl, 0.3, generator=torch.Generator().manual_seed(7))
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e)
+
+
+def test_regularization_and_kl_terms():
+    tower = pv.apply(tiny_tower(), "mask_tuning")
+    sizes = [m.score.numel() for _, m in mt.masks(tower)]
+    expected = 1e-4 * sum(0.01 * n ** 0.5 for n in sizes)  # unsquared L2 norm per score tensor, summed
+    torch.testing.assert_close(mt.regularization_loss(tower), torch.tensor(expected))
+    s = torch.randn(4, 5, requires_grad=True)
+    t = torch.randn(4, 5)
+    official = -(F.softmax(t / 2.0, -1) * F.log_softmax(s / 2.0, -1)).sum(1).mean() * 4.0
+    torch.testing.assert_close(torch.autograd.grad(mt.kl_to_teacher(s, t, 2.0), s)[0], torch.autograd.grad(official, s)[0])
+    assert mt.kl_to_teacher(t, t) < 1e-6
+
+
+def test_data_driven_selection_keeps_the_largest_squared_gradients():
+    model = make_host("vit")
+    batches = [(input_for("vit"), torch.tensor([0, 3])), (input_for("vit") * 2, torch.tensor([1, 1]))]
+    ranked = mt.rank_by_gradient(model, batches)
+    candidates = mt.find_targets(model, mask_mlp=True)
+    params = [getattr(m, a) for _, m, a in candidates]
+    for p in params:
+        p.requires_grad_(True)
+    totals = {n: 0.0 for n, _, _ in candidates}
+    for x, y in batches:
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+        for (n, _, _), g in zip(candidates, grads):
+            totals[n] += float(g.pow(2).sum())
+    assert [n for n, _ in ranked] == sorted(totals, key=lambda n: -totals[n])
+    assert all(abs(v - totals[n]) <= 1e-6 * max(totals[n], 1e-12) for n, v in ranked)
+    top = sorted(totals, key=lambda n: -totals[n])[:3]  # 30% of 9 candidates -> 3
+    pattern = mt.select_by_gradient(make_host("vit"), batches, fraction=0.3)
+    fresh = pv.apply(make_host("vit"), "mask_tuning", target_params=pattern)
+    assert sorted(n for n, _ in mt.masks(fresh)) == sorted(top)
+
+
+def test_vit_b16_default_targets_and_count():
+    with torch.device("meta"):
+        tower = VisionTransformer(image_size=224, patch_size=16, width=768, layers=12, heads=12, mlp_ratio=4.0, output_dim=512)
+    pv.apply(tower, "mask_tuning")
+    names = [n for n, _ in mt.masks(tower)]
+    assert names[0] == "conv1.weight" and len(names) == 1 + 12 * 2
+    expected = 768 * 3 * 16 * 16 + 12 * (3 * 768 * 768 + 768 * 768)  # patch conv + 12 x (in_proj + out_proj)
+    s = pv.summary(tower)
+    print(s, "\n ", pv.get_method("mask_tuning").summary_note(tower, pv.MaskTuningConfig()))
+    assert expected == 28_901_376 and s.trainable == s.by_method["mask_tuning"] == expected
+    assert f"{expected:,}" in str(s)
+    assert "25 weight tensors, 28,901,376 weights" in pv.get_method("mask_tuning").summary_note(tower, pv.MaskTuningConfig())
