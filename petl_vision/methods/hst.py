@@ -1,0 +1,370 @@
+"""HST: Hierarchical Side-Tuning for Vision Transformers (Lin et al., 2023).
+
+One learnable meta token per ViT block is prepended before the prefix tokens (CLS, registers) at
+that block's input and removed from its output: ``[meta, prefix..., patches]``. A 4-stage
+hierarchical side network (strides 4, 8, 16, 32) reads each block's outputs: its patch tokens as a
+(B, D, gh, gw) map and its meta token. Stage i reads one group of consecutive blocks (blocks 0-2,
+3-5, 6-8, 9-11 of a 12-block ViT) and has one side block per ViT block of its group. A side block:
+
+    vit  = resize(bridge_i(patch map), stage resolution)           (B, H*W, d)
+    kv   = [LN_j(bridge_i(meta output of block j)), mean(vit)]      (B, 2, d)
+    x = x + attn(LN(x), kv);  x = x + vit;  x = x + mlp(LN(x))
+
+The stage outputs form a feature pyramid (`feature_pyramid`); the classification head is the mean
+of the last stage -> BatchNorm1d without affine -> Linear.
+
+HST cannot run the backbone without an autograd graph: the meta tokens pass through every block,
+so their gradients flow back through the frozen backbone (unlike LST and UniPT, which run it under
+no_grad). Its training memory is therefore close to that of in-backbone methods such as VPT.
+
+Implemented with hooks: a forward pre-hook on the root model captures the image for the side
+network's stem, pre-hooks/hooks on every block insert and remove the meta tokens and record the
+block outputs, and a forward hook on the root replaces the host's logits with HST's. Everything
+HST adds lives in ``model.petl.hst`` (state_dict keys ``petl.hst...``). The host's own head is
+unused and stays frozen.
+
+Bridge then resize equals the official resize then bridge exactly (bilinear weights sum to 1 and
+the bridge is per-position affine), and runs the bridge at the ViT's resolution instead of the
+stage's, so it is much cheaper at stride 4.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import nn
+
+from ..core.errors import UnsupportedHostError
+from ..core.registry import Method, MethodConfig, register_method
+from ..core.state import get_state
+from ..hosts import TokenHost, classifier_modules, token_host
+
+NUM_STAGES = 4
+STRIDES = (4, 8, 16, 32)  # of the pyramid levels, relative to the input image
+
+
+@dataclasses.dataclass
+class HSTConfig(MethodConfig):
+    """Config of HST (defaults: the official ViT-B/16 setting).
+
+    widths: channels of the 4 side stages and of the pyramid levels (32, 48, 64, 72).
+    num_heads: attention heads of the side blocks of each stage (2, 4, 8, 12); must divide widths.
+    block_indices: index of the last ViT block each stage reads, increasing, the last one = depth - 1
+        (official: (2, 5, 8, 11)). Stage i has one side block per ViT block of its group, so the
+        paper's 3 side blocks per stage come from 3 ViT blocks per stage. None: 4 groups of
+        depth // 4 blocks, the remainder going one each to the last stages (depth 14: 3/3/4/4).
+    mlp_ratio: hidden width of the side blocks' MLP over their width (4).
+    qkv_bias: bias on the side attention's q, k, v (official: True).
+    drop_path: stochastic depth, ramped linearly over the side blocks (recipe: 0).
+    train_block_norms: train the norm layers inside the backbone blocks (paper: yes).
+    num_classes: classes of HST's head; None = the host head's output size (0 when the host's head
+        is an Identity); 0 = no Linear: the forward returns the normalised pooled feature (B, widths[-1]).
+    """
+
+    name = "hst"
+    widths: tuple[int, ...] = (32, 48, 64, 72)
+    num_heads: tuple[int, ...] = (2, 4, 8, 12)
+    block_indices: tuple[int, ...] | None = None
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path: float = 0.0
+    train_block_norms: bool = True
+    num_classes: int | None = None
+
+    def __post_init__(self):
+        self.widths, self.num_heads = tuple(self.widths), tuple(self.num_heads)  # YAML gives lists
+        if self.block_indices is not None:
+            self.block_indices = tuple(self.block_indices)
+        for field in ("widths", "num_heads") + (("block_indices",) if self.block_indices is not None else ()):
+            value = getattr(self, field)
+            if len(value) != NUM_STAGES:
+                raise ValueError(f"HSTConfig.{field} needs {NUM_STAGES} values (one per side stage), got {value!r}")
+        bad = [(w, h) for w, h in zip(self.widths, self.num_heads) if h < 1 or w % h]
+        if bad:
+            raise ValueError(f"HSTConfig: each width must be a multiple of its num_heads; got (width, heads) {bad}")
+        if self.block_indices is not None and (self.block_indices[0] < 0 or any(b <= a for a, b in zip(self.block_indices, self.block_indices[1:]))):
+            raise ValueError(f"HSTConfig.block_indices must be increasing and >= 0, got {self.block_indices!r}")
+        if self.num_classes is not None and self.num_classes < 0:
+            raise ValueError(f"HSTConfig.num_classes must be >= 0 or None, got {self.num_classes}")
+
+
+def stage_groups(depth: int, block_indices: tuple[int, ...] | None = None) -> list[list[int]]:
+    """The ViT block indices each side stage reads, e.g. depth 12 -> [[0, 1, 2], ..., [9, 10, 11]]."""
+    if block_indices is None:
+        if depth < NUM_STAGES:
+            raise ValueError(f"HST needs at least {NUM_STAGES} blocks, got {depth}")
+        base, extra = divmod(depth, NUM_STAGES)
+        sizes = [base + (i >= NUM_STAGES - extra) for i in range(NUM_STAGES)]
+        block_indices = tuple(end - 1 for end in itertools.accumulate(sizes))
+    if block_indices[-1] != depth - 1:
+        raise ValueError(f"HSTConfig.block_indices={block_indices!r}: the last stage must end at the last block, {depth - 1}")
+    starts = (0,) + tuple(b + 1 for b in block_indices[:-1])
+    return [list(range(s, e + 1)) for s, e in zip(starts, block_indices)]
+
+
+class AffineFreeBatchNorm(nn.Module):
+    """BatchNorm1d(affine=False) on (B, C): the official head's `fc_norm` (eps 1e-6, momentum 0.1).
+
+    A plain module rather than nn.BatchNorm1d because petl_vision keeps parameter-free `_NormBase`
+    layers in eval mode (fixed statistics); HST's statistics must update during training.
+    Buffers match nn.BatchNorm1d's state_dict keys.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-6, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x, self.running_mean, self.running_var, None, None, self.training, self.momentum, self.eps)
+
+
+class SideAttention(nn.Module):
+    """Side tokens (B, N, d) attend to a few key/value tokens (B, M, d) -> (B, N, d)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        heads = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, h, n, d / h)
+        out = F.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(kv)), heads(self.v(kv)))
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+class SideBlock(nn.Module):
+    """x = x + attn(LN(x), kv); x = x + x_vit; x = x + mlp(LN(x)); all (B, N, d)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = SideAttention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, x_vit: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), kv))
+        x = x + x_vit
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class SideStage(nn.Module):
+    """One side stage: downsample, then one SideBlock per ViT block of its group.
+
+    embed: stage 0, the stem conv 3x3 s2 (no bias) -> BN -> ReLU -> conv 2x2 s2 from the image (1/4);
+        later stages, the overlapping patch embed conv 3x3 s2 (1/2 of the previous stage). A
+        LayerNorm (`embed_norm`) follows on the tokens.
+    bridge: the transformation bridge Linear(D -> d), shared by the stage's ViT maps and meta tokens.
+    meta_norms: one LayerNorm per ViT block, on its projected meta token.
+    """
+
+    def __init__(self, in_chans: int, dim: int, vit_dim: int, num_blocks: int, num_heads: int, first: bool,
+                 mlp_ratio: float, qkv_bias: bool, drop_paths: list[float]):
+        super().__init__()
+        if first:
+            self.embed = nn.Sequential(
+                nn.Conv2d(in_chans, dim, 3, 2, padding=1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True),
+                nn.Conv2d(dim, dim, 2, 2),
+            )
+        else:
+            self.embed = nn.Conv2d(in_chans, dim, 3, 2, padding=1)
+        self.embed_norm = nn.LayerNorm(dim)
+        self.bridge = nn.Linear(vit_dim, dim)
+        self.meta_norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(num_blocks))
+        self.blocks = nn.ModuleList(SideBlock(dim, num_heads, mlp_ratio, qkv_bias, dp) for dp in drop_paths)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, metas: list[torch.Tensor], maps: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+        """x: image or previous map (B, C, H', W'); metas: (B, D) per block; maps: (B, gh*gw, D) per block.
+
+        Returns the stage's map (B, d, H, W).
+        """
+        x = self.embed(x)
+        size = x.shape[-2:]
+        x = self.embed_norm(x.flatten(2).transpose(1, 2))
+        for block, meta_norm, meta, vit in zip(self.blocks, self.meta_norms, metas, maps):
+            vit = self.bridge(vit).transpose(1, 2).unflatten(2, grid)  # (B, d, gh, gw)
+            vit = F.interpolate(vit, size=size, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+            kv = torch.cat([meta_norm(self.bridge(meta)).unsqueeze(1), vit.mean(1, keepdim=True)], dim=1)
+            x = block(x, kv, vit)
+        return self.norm(x).transpose(1, 2).unflatten(2, size)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """Official init: Linear trunc-normal(0.02) with zero bias; Conv2d normal(0, sqrt(2 / fan_out))."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+        nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class HSTNetwork(nn.Module):
+    """Meta tokens, side stages and head of HST, and the hooks that feed them.
+
+    meta_tokens: (depth, D), one token per ViT block, each initialised like the official
+        xavier_uniform on a (1, 1, D) tensor: U(-sqrt(3 / D), sqrt(3 / D)).
+    """
+
+    def __init__(self, host: TokenHost, config: HSTConfig, groups: list[list[int]], num_classes: int):
+        super().__init__()
+        self.groups = groups
+        self.num_prefix_tokens = host.num_prefix_tokens
+        self.patch_size = host.patch_size
+        bound = math.sqrt(3.0 / host.dim)
+        self.meta_tokens = nn.Parameter(torch.empty(len(host.blocks), host.dim).uniform_(-bound, bound))
+        drop_paths = torch.linspace(0, config.drop_path, sum(map(len, groups))).tolist()
+        stages, in_chans, start = [], host.in_chans, 0
+        for i, (group, width, heads) in enumerate(zip(groups, config.widths, config.num_heads)):
+            dps = drop_paths[start:start + len(group)]
+            stages.append(SideStage(in_chans, width, host.dim, len(group), heads, i == 0, config.mlp_ratio, config.qkv_bias, dps))
+            in_chans, start = width, start + len(group)
+        self.stages = nn.ModuleList(stages)
+        self.stages.apply(_init_weights)
+        self.fc_norm = AffineFreeBatchNorm(config.widths[-1])
+        self.head = nn.Linear(config.widths[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.head.apply(_init_weights)
+        self.return_pyramid = False
+        self._run: dict | None = None  # the image and block outputs of the forward in progress
+
+    # -- hooks -------------------------------------------------------------------------------
+    def capture(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Root pre-hook: keep the image (B, C, H, W) and start recording block outputs."""
+        image = args[0] if args else next(iter(kwargs.values()), None)
+        self._run = {"image": image, "metas": [], "maps": []}
+
+    def insert(self, index: int, block: nn.Module, args: tuple, kwargs: dict):
+        """Block pre-hook: (B, N, D) -> (B, 1 + N, D), block `index`'s meta token first."""
+        x = args[0]
+        meta = self.meta_tokens[index].to(x.dtype).expand(x.shape[0], 1, -1)
+        return (torch.cat([meta, x], dim=1),) + args[1:], kwargs
+
+    def remove(self, index: int, block: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Block hook: record the meta output (B, D) and patch tokens (B, gh*gw, D); drop the meta token."""
+        if self._run is not None:
+            self._run["metas"].append(output[:, 0])
+            self._run["maps"].append(output[:, 1 + self.num_prefix_tokens:])
+        return output[:, 1:]
+
+    def finish(self, model: nn.Module, args: tuple, output):
+        """Root hook: run the side network; return HST's logits (or the pyramid for `feature_pyramid`)."""
+        run, self._run = self._run, None
+        if run is None:
+            return output
+        pyramid = self.side_forward(run["image"], run["metas"], run["maps"])
+        return pyramid if self.return_pyramid else self.classify(pyramid[-1])
+
+    # -- side network ------------------------------------------------------------------------
+    def side_forward(self, image: torch.Tensor, metas: list[torch.Tensor], maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The 4 pyramid levels (B, widths[i], H / s_i, W / s_i), s = 4, 8, 16, 32."""
+        depth = self.meta_tokens.shape[0]
+        if len(maps) != depth:
+            raise RuntimeError(f"hst: recorded {len(maps)} block outputs in this forward, expected {depth} (one per block)")
+        grid = (image.shape[-2] // self.patch_size[0], image.shape[-1] // self.patch_size[1])
+        if maps[0].shape[1] != grid[0] * grid[1]:
+            raise RuntimeError(
+                f"hst: blocks output {maps[0].shape[1]} patch tokens for a {tuple(image.shape[-2:])} image, expected "
+                f"{grid[0]}x{grid[1]} (patch {self.patch_size}); another method changing the token layout is not supported with hst"
+            )
+        pyramid, x = [], image.to(self.meta_tokens.dtype)
+        for stage, group in zip(self.stages, self.groups):
+            x = stage(x, [metas[j] for j in group], [maps[j] for j in group], grid)
+            pyramid.append(x)
+        return pyramid
+
+    def classify(self, last: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) last pyramid level -> mean over positions -> BatchNorm1d -> Linear: (B, num_classes)."""
+        return self.head(self.fc_norm(last.mean(dim=(2, 3))))
+
+
+# Norm layers of the backbone blocks that HST trains (timm norm1/norm2, open_clip ln_1/ln_2).
+_BLOCK_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
+
+
+def hst_network(model: nn.Module) -> HSTNetwork:
+    state = get_state(model)
+    if state is None or not isinstance(getattr(state, "hst", None), HSTNetwork):
+        raise ValueError(f"{type(model).__name__} has no HST applied; call pv.apply(model, 'hst') first")
+    return state.hst
+
+
+def feature_pyramid(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """HST's feature pyramid of a model with HST applied, for dense-prediction heads.
+
+    images: (B, C, H, W). Returns 4 tensors (B, widths[i], H / s_i, W / s_i) for strides
+    s = 4, 8, 16, 32 (sizes rounded as the strided convs do; exact when H and W are multiples of 32).
+    Runs the model's forward (the backbone with the meta tokens, then the side network) without
+    the classification head; gradients flow as in training.
+    """
+    hst = hst_network(model)
+    hst.return_pyramid = True
+    try:
+        return model(images)
+    finally:
+        hst.return_pyramid = False
+
+
+@register_method
+class HST(Method):
+    name = "hst"
+    config_class = HSTConfig
+    merge_refusal = "it adds a side network and meta tokens, not weight updates"
+
+    @classmethod
+    def check_host(cls, model: nn.Module) -> None:
+        state = get_state(model)
+        if state is not None and "vpt" in state.method_names:
+            raise UnsupportedHostError("method 'hst' cannot be combined with 'vpt': both change the token layout of every block")
+        host = token_host(model, cls.name)
+        if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+            raise UnsupportedHostError(
+                f"method 'hst' needs an image token host (its side network reads patch maps); {type(model).__name__} "
+                "has no Conv2d patch embedding (supported: timm ViTs with depth >= 4)"
+            )
+        if len(host.blocks) < NUM_STAGES:
+            raise UnsupportedHostError(
+                f"method 'hst' needs a ViT with at least {NUM_STAGES} blocks (one group per side stage); "
+                f"{type(model).__name__} has {len(host.blocks)} (supported: token hosts such as timm ViTs with depth >= {NUM_STAGES})"
+            )
+
+    @classmethod
+    def attach(cls, model: nn.Module, config: HSTConfig) -> None:
+        host = token_host(model, cls.name)
+        groups = stage_groups(len(host.blocks), config.block_indices)
+        num_classes = config.num_classes
+        if num_classes is None:
+            heads = classifier_modules(model)
+            if not heads or not isinstance(heads[0], (nn.Linear, nn.Identity)):
+                raise UnsupportedHostError(f"hst: {type(model).__name__} has no Linear head to size HST's head from; pass num_classes")
+            num_classes = heads[0].out_features if isinstance(heads[0], nn.Linear) else 0
+        ref = next(host.blocks[0].parameters())
+        hst = HSTNetwork(host, config, groups, num_classes).to(device=ref.device, dtype=ref.dtype).train(model.training)
+        get_state(model).add_module("hst", hst)
+        model.register_forward_pre_hook(hst.capture, with_kwargs=True)
+        for i, block in enumerate(host.blocks):
+            block.register_forward_pre_hook(functools.partial(hst.insert, i), with_kwargs=True)
+            block.register_forward_hook(functools.partial(hst.remove, i))
+        model.register_forward_hook(hst.finish)
+        if config.train_block_norms:
+            for block in host.blocks:
+                for module in block.modules():
+                    if isinstance(module, _BLOCK_NORMS):
+                        module.requires_grad_(True)
