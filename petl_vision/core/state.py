@@ -83,7 +83,7 @@ class PetlState(nn.Module):
                     frozen.append(child)
                     continue
                 own = list(child.parameters(recurse=False))
-                if isinstance(child, _RUNNING_STAT_NORMS) and not (own and all(p.requires_grad for p in own)):
+                if isinstance(child, _RUNNING_STAT_NORMS) and own and not all(p.requires_grad for p in own):
                     frozen.append(child)
                 visit(child)
 

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from peft import LoraConfig as PeftLoraConfig
-from peft import inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ..core.errors import UnsupportedHostError
@@ -40,8 +37,15 @@ class LoRAConfig(MethodConfig):
     train_head: bool = True
 
 
+def _lora_layer_class():
+    """peft's LoraLayer, imported on first use: importing peft costs seconds."""
+    from peft.tuners.lora import LoraLayer
+
+    return LoraLayer
+
+
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and not isinstance(module, LoraLayer)
+    return isinstance(module, nn.Linear) and not isinstance(module, _lora_layer_class())
 
 
 def _mha_out_projections(model: nn.Module) -> set[int]:
@@ -73,6 +77,9 @@ class LoRA(Method):
         names = _targets(model, config.target_modules)
         if not names:
             raise UnsupportedHostError(f"lora: target_modules={config.target_modules!r} matches no nn.Linear of {type(model).__name__}")
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import inject_adapter_in_model
+
         trainable = [p for p in model.parameters() if p.requires_grad]
         peft_config = PeftLoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=names)
         inject_adapter_in_model(peft_config, model)
@@ -83,7 +90,8 @@ class LoRA(Method):
 
     @classmethod
     def merge(cls, model: nn.Module, config: LoRAConfig) -> None:
+        lora_layer = _lora_layer_class()
         for name, module in list(model.named_modules()):
-            if isinstance(module, LoraLayer):
+            if isinstance(module, lora_layer):
                 module.merge()
                 model.set_submodule(name, module.get_base_layer())
