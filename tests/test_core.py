@@ -172,3 +172,41 @@ def test_ssf_target_modules_pattern():
 def test_merge_without_methods_is_an_error():
     with pytest.raises(pv.MergeError, match="no petl_vision method"):
         pv.merge(make_host("vit"))
+
+
+def _saved_bytes(model, x):
+    """Bytes of distinct storages autograd keeps for backward during one forward."""
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum()
+    return sum(storages.values())
+
+
+def test_ssf_save_output_matches_plain_gradients_and_saves_less():
+    x = input_for("vit")
+    models = {}
+    for save_output in (True, False):
+        model = pv.apply(make_host("vit"), "ssf", save_output=save_output)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, pv.methods.ssf.SSFLayer):
+                    m.scale.normal_(1.0, 0.3)
+        model(x).square().sum().backward()
+        models[save_output] = model
+    grads = {k: {n: p.grad for n, p in m.named_parameters() if p.requires_grad} for k, m in models.items()}
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-5)
+    assert _saved_bytes(models[True], x) < _saved_bytes(models[False], x)
+
+
+def test_scale_shift_gradcheck():
+    x = torch.randn(2, 3, 4, dtype=torch.double, requires_grad=True)
+    scale = (1 + 0.1 * torch.randn(4, dtype=torch.double)).requires_grad_()
+    shift = torch.randn(4, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(pv.methods.ssf.ScaleShift.apply, (x, scale, shift))

@@ -29,6 +29,10 @@ class SSFConfig(MethodConfig):
     """Config of SSF.
 
     init_std: std of the init, scale ~ N(1, init_std), shift ~ N(0, init_std) (paper: 0.02).
+    save_output: on channels-last outputs (linears, LayerNorm), keep only the SSF output for the
+        backward pass and recover the input as (y - shift) / scale. The next layer keeps y anyway,
+        so SSF then adds no activation memory of its own (the official code keeps both). Off for
+        (N, C, ...) outputs, where in-place activations (ReLU(inplace=True)) may overwrite y.
     target_modules: regular expression searched in module names to restrict the placement
         (default: every eligible layer).
     train_head: train the classifier head too (paper: yes).
@@ -38,6 +42,7 @@ class SSFConfig(MethodConfig):
     init_std: float = 0.02
     target_modules: str | None = None
     train_head: bool = True
+    save_output: bool = True
 
 
 # Layer types whose output channels SSF scales, and where those channels are: -1 = last dim
@@ -76,16 +81,37 @@ def _num_channels(module: nn.Module) -> int | None:
     return module.num_features if module.affine else None
 
 
+class ScaleShift(torch.autograd.Function):
+    """y = x * scale + shift that saves y, not x, for backward: x = (y - shift) / scale.
+
+    x: (..., C); scale, shift: (C,). Scales are N(1, 0.02) at init and never near zero in practice.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, shift):
+        y = torch.addcmul(shift, x, scale)
+        ctx.save_for_backward(y, scale, shift)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, scale, shift = ctx.saved_tensors
+        x = (y - shift) / scale
+        reduce = tuple(range(grad.ndim - 1))
+        return grad * scale, (grad * x).sum(reduce), grad.sum(reduce)
+
+
 class SSFLayer(WrapperLayer):
     """`base` followed by a per-channel scale and shift.
 
     Output of base: (..., C) when channel_dim is -1, (N, C, ...) when it is 1.
     """
 
-    def __init__(self, base: nn.Module, num_channels: int, channel_dim: int, init_std: float = 0.02):
+    def __init__(self, base: nn.Module, num_channels: int, channel_dim: int, init_std: float = 0.02, save_output: bool = True):
         super().__init__(base)
         ref = next(base.parameters())
         self.channel_dim = channel_dim
+        self.save_output = save_output and channel_dim == -1
         self.scale = nn.Parameter(torch.empty(num_channels, device=ref.device, dtype=ref.dtype).normal_(1.0, init_std))
         self.shift = nn.Parameter(torch.empty(num_channels, device=ref.device, dtype=ref.dtype).normal_(0.0, init_std))
 
@@ -94,6 +120,8 @@ class SSFLayer(WrapperLayer):
         if self.channel_dim == 1 and y.ndim > 2:
             shape = (1, -1) + (1,) * (y.ndim - 2)
             return y * self.scale.view(shape) + self.shift.view(shape)
+        if self.save_output and torch.is_grad_enabled() and y.dtype == self.scale.dtype:
+            return ScaleShift.apply(y, self.scale, self.shift)
         return y * self.scale + self.shift
 
     @torch.no_grad()
@@ -132,7 +160,7 @@ class SSF(Method):
         if not targets:
             raise UnsupportedHostError(f"ssf: target_modules={config.target_modules!r} matches no eligible layer of {type(model).__name__}")
         for name, module in targets:
-            layer = SSFLayer(module, _num_channels(module), _CHANNEL_DIM[type(module)], config.init_std)
+            layer = SSFLayer(module, _num_channels(module), _CHANNEL_DIM[type(module)], config.init_std, config.save_output)
             model.set_submodule(name, layer)
         if config.train_head:
             unfreeze_head(model, cls.name)
