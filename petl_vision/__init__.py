@@ -8,6 +8,7 @@
 Every registered method's config class is exported here under its own name (`pv.SSFConfig`,
 `pv.VPTConfig`, ...): a new file under `petl_vision/methods/` needs no edit of this file.
 """
+from . import diffusers  # noqa: F401  (pipeline plugin: pv.diffusers.load_sara, ...; imports diffusers lazily)
 from . import methods as _methods  # noqa: F401  (registers every method)
 from .core.api import Summary, apply, can_merge, merge, summary
 from .core.errors import AdapterFileError, AdapterMismatchError, MergeError, UnknownMethodError, UnsupportedHostError

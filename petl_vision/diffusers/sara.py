@@ -1,0 +1,108 @@
+"""SaRA in diffusers pipelines: load a trained SaRA into a pipeline's UNet, and take it out again.
+
+    pv.diffusers.load_sara(pipe, "runs/sd15_sara/adapter")     # a pv.save_adapter directory
+    pv.diffusers.load_sara(pipe, "checkpoint-5000/unet.pt")   # an official SaRA checkpoint
+    pv.diffusers.unload_sara(pipe)
+
+Loading changes only the selected entries of the UNet's weights (written in place, no copy of the
+UNet); unloading writes the base values back, so the pipeline is exactly as before.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.api import apply
+from ..core.errors import AdapterMismatchError
+from ..core.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from ..core.state import get_state
+from ..methods.sara import SaRAConfig, sara_module, unload
+from ._plugin import pipeline_denoiser
+
+OFFICIAL_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def load_sara(pipe, file_or_dir: str | os.PathLike, **overrides):
+    """Load SaRA into `pipe`'s UNet (in place) and return `pipe`.
+
+    file_or_dir: a directory written by `pv.save_adapter` (or its adapter.safetensors /
+        adapter_config.json), or an official SaRA checkpoint ``{'threshold': t, 0: values, ...}``
+        (.pt/.pth/.bin/.ckpt, read with torch.load(weights_only=True)).
+    overrides: SaRAConfig fields for an official checkpoint (its file carries only the threshold).
+    """
+    unet = pipeline_denoiser(pipe)
+    state = get_state(unet)
+    if state is not None:
+        raise ValueError(f"load_sara: the {type(unet).__name__} already has methods {state.method_names}; call unload_sara(pipe) first")
+    path = Path(file_or_dir)
+    if path.is_file() and path.name in (CONFIG_NAME, WEIGHTS_NAME):
+        path = path.parent
+    if path.is_dir():
+        if overrides:
+            raise TypeError(f"load_sara({path}): overrides {sorted(overrides)} apply to official checkpoints only; the adapter config is in {CONFIG_NAME}")
+        _check_is_sara(path)
+        load_adapter(unet, path)
+    elif path.is_file() and path.suffix in OFFICIAL_SUFFIXES:
+        load_official_checkpoint(unet, path, **overrides)
+    elif not path.exists():
+        raise FileNotFoundError(f"load_sara: {path} does not exist (expected an adapter directory or an official .pt file)")
+    else:
+        raise ValueError(f"load_sara: {path} is neither an adapter directory ({CONFIG_NAME} + {WEIGHTS_NAME}) nor an official checkpoint {OFFICIAL_SUFFIXES}")
+    return pipe
+
+
+def unload_sara(pipe):
+    """Remove SaRA from `pipe`'s UNet, restoring its base weights; a no-op when none is loaded."""
+    unet = pipeline_denoiser(pipe)
+    state = get_state(unet)
+    if state is not None and "sara" in state.method_names:
+        unload(unet)
+    return pipe
+
+
+def _check_is_sara(directory: Path) -> None:
+    """The adapter in `directory` must be SaRA alone (other methods have their own plugins)."""
+    try:
+        names = [m["name"] for m in json.loads((directory / CONFIG_NAME).read_text())["methods"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # load_adapter reports the problem with the file precisely
+    if names != ["sara"]:
+        raise ValueError(f"load_sara({directory}): the adapter holds methods {names}; load_sara takes a SaRA adapter")
+
+
+def load_official_checkpoint(model: nn.Module, checkpoint, **overrides) -> nn.Module:
+    """Apply SaRA from an official checkpoint ``{'threshold': t, 0: values, 1: values, ...}``.
+
+    Key i holds the trained values of the i-th tensor of ``model.parameters()`` at the entries with
+    |W| < t on the base weights (row-major order), as the official `save_params` writes them.
+    checkpoint: a path (read with torch.load(weights_only=True)) or the loaded dict.
+    overrides: further SaRAConfig fields (e.g. rank_weight) for continued training.
+    """
+    source = checkpoint if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__") else "checkpoint"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True) if source != "checkpoint" else checkpoint
+    if not isinstance(state, dict) or "threshold" not in state:
+        raise ValueError(f"{source}: not an official SaRA checkpoint (expected a dict with 'threshold' and integer keys)")
+    names = [n for n, _ in model.named_parameters()]
+    values = {int(k): v for k, v in state.items() if k != "threshold"}
+    bad = [k for k in values if not 0 <= k < len(names)]
+    if bad:
+        raise ValueError(f"{source}: parameter indices {bad[:5]} outside this model's {len(names)} parameters")
+    config = SaRAConfig(**{"threshold": float(state["threshold"]), "train_head": False, **overrides})
+    deltas = sara_module(apply(model, config)).deltas()
+    with torch.no_grad():
+        for i, tensor in sorted(values.items()):
+            delta = deltas.get(names[i])
+            k = 0 if delta is None else delta.values.numel()
+            if tensor.numel() != k:
+                unload(model)
+                raise AdapterMismatchError(
+                    f"{source}: entry {i} ({names[i]}) holds {tensor.numel()} values, but |W| < {config.threshold} "
+                    f"selects {k} entries of this model's tensor (another base model?)"
+                )
+            if k:
+                delta.values.copy_(tensor.reshape(-1))
+    return model

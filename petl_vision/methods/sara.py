@@ -1,0 +1,497 @@
+"""SaRA: progressive sparse low-rank adaptation (Hu et al., 2024), on any PyTorch model.
+
+Only the "ineffective" entries of the host's weights train: those with |W| below a threshold
+(official default 2e-3), or the smallest `fraction` of each tensor. Per host tensor W (N entries,
+k selected) the method keeps, in ``model.petl.sara.<parameter name>``:
+
+- ``values`` (k,): the trainable entries, initialised to W at the selected positions;
+- ``indices`` (k,): their flat (row-major) positions in W; ``base`` (k,): W there before training;
+- ``fixed_indices`` / ``fixed_values`` / ``fixed_base`` (m,): entries trained before a progressive
+  re-selection and no longer selected; they keep their learned values, frozen.
+
+Unstructured backpropagation (the paper's memory trick, as the official optimizer does it): W is
+registered with ``torch.nn.utils.parametrize``; every access writes the values into W's storage in
+place and returns W itself, whose backward gathers the dense gradient at the k positions. So the
+host's forward is unchanged, no dense copy of W is made, and gradients and optimizer state exist
+for the k values only. Everything outside the selection stays bit-identical.
+
+The classifier head of a timm model is not sparsified: it trains fully (`train_head`), as with the
+other methods. `merge` writes the values into W and removes the parametrizations (a plain model with
+the original state_dict keys); `unload` restores the base weights instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..core.api import remove_state
+from ..core.errors import AdapterMismatchError, UnsupportedHostError
+from ..core.registry import Method, MethodConfig, register_method
+from ..core.state import get_state, host_modules
+from ..hosts import classifier_modules, unfreeze_head
+from ._wrap import WrapperLayer
+
+_TENSORS = ("values", "indices", "base", "fixed_indices", "fixed_values", "fixed_base")
+
+
+@dataclasses.dataclass
+class SaRAConfig(MethodConfig):
+    """Config of SaRA.
+
+    threshold: entries with |W| < threshold train (official default 2e-3; roughly the smallest
+        10-20% of a Stable Diffusion UNet). Official learning rate rule: 1e-3 * exp(-350 * threshold).
+    fraction: if set, train the smallest `fraction` (0 < f < 1) of the entries of every eligible
+        tensor instead of using `threshold`.
+    target_params: regular expression searched in the full parameter name (``down_blocks.0.
+        attentions.0.proj_in.weight``) to restrict the eligible tensors (default: all).
+    module_types: class names (matched along the MRO, e.g. "Linear", "Conv2d") of the modules whose
+        parameters are eligible (default: every module). Default eligibility is every parameter of
+        the model outside the classifier head, as in the official code.
+    rank_weight: weight of the nuclear-norm regulariser on the sparse update of one randomly chosen
+        2-D tensor per step (paper: 5e-4); see `regularization_loss`.
+    rank_min_dim: only 2-D tensors with min(shape) > rank_min_dim are regularised (official: 64).
+    official_regularizer_defect: reproduce the official default optimizer, where the regulariser's
+        gradient lands on a tensor the optimizer does not hold, so it has no effect.
+    progressive_fraction: re-select the trainable entries after this fraction of the training steps
+        (paper: half); None: never. See `reselect_step` and `reselect`.
+    progressive_step: re-select after this absolute step instead (overrides progressive_fraction).
+    train_head: train the classifier head fully; None: when the model has one (timm classifiers).
+    """
+
+    name = "sara"
+    threshold: float = 2e-3
+    fraction: float | None = None
+    target_params: str | None = None
+    module_types: tuple[str, ...] = ()
+    rank_weight: float = 5e-4
+    rank_min_dim: int = 64
+    official_regularizer_defect: bool = False
+    progressive_fraction: float | None = 0.5
+    progressive_step: int | None = None
+    train_head: bool | None = None
+
+    def __post_init__(self):
+        if self.fraction is None and not self.threshold > 0:
+            raise ValueError(f"SaRAConfig.threshold must be > 0, got {self.threshold}")
+        if self.fraction is not None and not 0 < self.fraction < 1:
+            raise ValueError(f"SaRAConfig.fraction must be in (0, 1) or None, got {self.fraction}")
+        if self.progressive_fraction is not None and not 0 < self.progressive_fraction < 1:
+            raise ValueError(f"SaRAConfig.progressive_fraction must be in (0, 1) or None, got {self.progressive_fraction}")
+        if self.rank_weight < 0:
+            raise ValueError(f"SaRAConfig.rank_weight must be >= 0, got {self.rank_weight}")
+
+
+def select_entries(weight: torch.Tensor, config: SaRAConfig) -> torch.Tensor:
+    """Sorted flat indices (k,) of the entries of `weight` that train under `config`."""
+    magnitude = weight.detach().reshape(-1).abs()
+    if config.fraction is not None:
+        k = int(round(config.fraction * magnitude.numel()))
+        idx = torch.topk(magnitude, k, largest=False, sorted=False).indices.sort().values
+    else:
+        idx = torch.nonzero(magnitude < config.threshold).squeeze(1)
+    return idx.to(_index_dtype(weight))
+
+
+def _index_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.int32 if weight.numel() < 2**31 else torch.int64  # int32 halves the index memory
+
+
+def _gather(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return weight.detach().reshape(-1)[idx]
+
+
+def _put(data: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+    """data.flatten()[idx] = values, in place (also for non-contiguous data, e.g. channels_last)."""
+    if data.is_contiguous():
+        data.view(-1)[idx] = values.to(data.dtype)
+    else:
+        data[torch.unravel_index(idx.long(), data.shape)] = values.to(data.dtype)
+
+
+class _SparseWeight(torch.autograd.Function):
+    """Returns W (already holding the values) as is; backward: dL/dvalues = dL/dW.flatten()[indices]."""
+
+    @staticmethod
+    def forward(ctx, values, weight, indices):
+        ctx.save_for_backward(indices)
+        return weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        return grad.reshape(-1)[indices], None, None
+
+
+class SparseDelta(nn.Module):
+    """The sparse update of one host tensor of shape `shape` (see the module docstring for tensors)."""
+
+    def __init__(self, shape, values, indices, base, fixed=None):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.values = nn.Parameter(values)
+        self.register_buffer("indices", indices)
+        self.register_buffer("base", base)
+        fixed = fixed or (indices[:0], base[:0], base[:0])
+        for name, tensor in zip(("fixed_indices", "fixed_values", "fixed_base"), fixed):
+            self.register_buffer(name, tensor.clone())
+
+    @classmethod
+    def select(cls, weight: torch.Tensor, config: SaRAConfig) -> "SparseDelta":
+        idx = select_entries(weight, config)
+        base = _gather(weight, idx).clone()
+        return cls(weight.shape, base.clone(), idx, base)
+
+    @torch.no_grad()
+    def write(self, weight: torch.Tensor, restore: bool = False) -> None:
+        """Write the values (or, with restore, the base) into `weight` in place.
+
+        Through `.data`, so the version counter does not move: graphs that saved W from an earlier
+        forward stay valid (the write only changes W when the optimizer changed the values).
+        """
+        data = weight.data
+        _put(data, self.fixed_indices, self.fixed_base if restore else self.fixed_values)
+        _put(data, self.indices, self.base if restore else self.values)
+
+    def dense_update(self, values: torch.Tensor) -> torch.Tensor:
+        """The update W - W_base, dense, of shape `shape`; differentiable w.r.t. `values`."""
+        flat = torch.zeros(math.prod(self.shape), dtype=values.dtype, device=values.device)
+        flat = flat.index_put((self.fixed_indices.long(),), self.fixed_values - self.fixed_base)
+        return flat.index_put((self.indices.long(),), values - self.base).view(self.shape)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, selected={self.values.numel()}, fixed={self.fixed_indices.numel()}"
+
+
+class _Parametrization(nn.Module):
+    """Registered on the host tensor; holds its SparseDelta outside the module tree (kept in petl.sara)."""
+
+    def __init__(self, delta: SparseDelta):
+        super().__init__()
+        self._delta = [delta]
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        delta = self._delta[0]
+        delta.write(weight)
+        return _SparseWeight.apply(delta.values, weight, delta.indices)
+
+
+class SaRAModule(nn.Module):
+    """``model.petl.sara``: the SparseDelta of every selected host tensor, under the tensor's own name."""
+
+    def __init__(self, config: SaRAConfig):
+        super().__init__()
+        self.config = config
+        self.register_load_state_dict_pre_hook(_resize_before_load)
+        self.register_state_dict_post_hook(_drop_empty)
+
+    def add(self, name: str, delta: SparseDelta) -> None:
+        node = self
+        *path, leaf = name.split(".")
+        for part in path:
+            if part not in node._modules:
+                node.add_module(part, nn.Module())
+            node = node._modules[part]
+        node.add_module(leaf, delta)
+
+    def deltas(self) -> dict[str, SparseDelta]:
+        """Host parameter name -> its SparseDelta."""
+        return {n: m for n, m in self.named_modules() if isinstance(m, SparseDelta)}
+
+
+def _drop_empty(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook: leave out empty tensors (no fixed entries yet, ...). Empty tensors all
+    share the null storage, which safetensors checkpoints (accelerate) treat as shared and drop."""
+    for key in [k for k, v in state_dict.items() if k.startswith(prefix) and v.numel() == 0]:
+        del state_dict[key]
+
+
+def _resize_before_load(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: give every tensor the incoming shape (the selection may differ,
+    e.g. when resuming a run checkpointed after a re-selection); a tensor of a delta in the
+    incoming dict but missing there was empty (see `_drop_empty`)."""
+    for name, delta in module.deltas().items():
+        keys = {t: f"{prefix}{name}.{t}" for t in _TENSORS}
+        if not any(k in state_dict for k in keys.values()):
+            continue
+        for tensor_name, key in keys.items():
+            current = getattr(delta, tensor_name)
+            incoming = state_dict.setdefault(key, current.new_zeros(0).detach())
+            if incoming.shape != current.shape:
+                current.data = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
+
+
+def eligible_parameters(model: nn.Module, config: SaRAConfig, frozen_only: bool = True) -> list[tuple[str, nn.Module, str]]:
+    """(full name, owning module, attribute name) of the tensors SaRA may sparsify."""
+    regex = re.compile(config.target_params) if config.target_params else None
+    out, seen = [], set()
+    for module_name, module in host_modules(model, exclude=classifier_modules(model)):
+        if isinstance(module, (WrapperLayer, parametrize.ParametrizationList)) or ".parametrizations" in f".{module_name}":
+            continue
+        if config.module_types and not any(c.__name__ in config.module_types for c in type(module).__mro__):
+            continue
+        for attr, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{attr}" if module_name else attr
+            if id(param) in seen or not param.is_floating_point() or (frozen_only and param.requires_grad):
+                continue
+            if regex is None or regex.search(full):
+                seen.add(id(param))
+                out.append((full, module, attr))
+    return out
+
+
+def _register(model: nn.Module, config: SaRAConfig, deltas: dict[str, SparseDelta]) -> None:
+    """Add the deltas under model.petl.sara and parametrize their host tensors; unfreeze the head."""
+    owners = {name: (module, attr) for name, module, attr in eligible_parameters(model, config)}
+    orders = {id(owner): list(owner._parameters) for owner, _ in owners.values()}
+    module = SaRAModule(config)
+    get_state(model).add_module("sara", module)
+    for name, delta in deltas.items():
+        owner, attr = owners[name]
+        delta.param_order = orders[id(owner)]  # the owner's parameter order, restored on merge / unload
+        module.add(name, delta)
+        parametrize.register_parametrization(owner, attr, _Parametrization(delta), unsafe=True)
+    module.hook = model.register_state_dict_pre_hook(_write_all)
+    heads = classifier_modules(model)
+    if config.train_head or (config.train_head is None and heads):
+        unfreeze_head(model, "sara")
+
+
+@register_method
+class SaRA(Method):
+    name = "sara"
+    config_class = SaRAConfig
+    mergeable = True
+
+    @classmethod
+    def check_host(cls, model: nn.Module) -> None:
+        if not eligible_parameters(model, SaRAConfig(), frozen_only=False):
+            raise UnsupportedHostError(f"method 'sara' found no floating-point parameter outside the head of {type(model).__name__}")
+
+    @classmethod
+    def attach(cls, model: nn.Module, config: SaRAConfig) -> None:
+        targets = eligible_parameters(model, config)
+        deltas = {}
+        for name, owner, attr in targets:
+            delta = SparseDelta.select(getattr(owner, attr), config)
+            if delta.values.numel():
+                deltas[name] = delta
+        if not deltas:
+            rule = f"fraction={config.fraction}" if config.fraction is not None else f"threshold={config.threshold}"
+            raise UnsupportedHostError(
+                f"sara: {rule} selects no entry of the {len(targets)} eligible tensors of {type(model).__name__} "
+                f"(target_params={config.target_params!r}, module_types={config.module_types}); raise the threshold"
+            )
+        _register(model, config, deltas)
+
+    @classmethod
+    def attach_saved(cls, model: nn.Module, config: SaRAConfig, saved: dict) -> None:
+        """Take the selection from the saved tensors (on a meta-device model: their shapes only)."""
+        prefix = "petl.sara."
+        names = sorted({k[len(prefix):].rsplit(".", 1)[0] for k in saved if k.startswith(prefix)})
+        owners = {name: (module, attr) for name, module, attr in eligible_parameters(model, config)}
+        unknown = [n for n in names if n not in owners]
+        if unknown:
+            raise AdapterMismatchError(f"sara: the adapter sparsifies {unknown[:5]}, which this model has no eligible tensor named so")
+        deltas = {}
+        for name in names:
+            weight = getattr(*owners[name])
+            index_dtype = _index_dtype(weight)
+            tensors = {t: saved.get(f"{prefix}{name}.{t}", weight.new_zeros(0, dtype=index_dtype if "indices" in t else None))
+                       for t in _TENSORS}
+            if weight.is_meta:
+                tensors = {t: torch.empty(v.shape, dtype=v.dtype, device="meta") for t, v in tensors.items()}
+            else:
+                tensors = {t: v.to(weight.device, weight.dtype if v.is_floating_point() else v.dtype) for t, v in tensors.items()}
+                _check_base(name, weight, tensors)
+            fixed = (tensors["fixed_indices"], tensors["fixed_values"], tensors["fixed_base"])
+            deltas[name] = SparseDelta(weight.shape, tensors["values"].clone(), tensors["indices"].clone(), tensors["base"].clone(), fixed)
+        _register(model, config, deltas)
+
+    @classmethod
+    def merge(cls, model: nn.Module, config: SaRAConfig) -> None:
+        _remove(model, restore=False)
+
+
+def _check_base(name: str, weight: torch.Tensor, t: dict) -> None:
+    """The saved base values must be this model's weights at the saved positions."""
+    for idx, base in ((t["indices"], t["base"]), (t["fixed_indices"], t["fixed_base"])):
+        if idx.numel() and (idx.min() < 0 or idx.max() >= weight.numel()):
+            raise AdapterMismatchError(f"sara: {name}: saved indices outside [0, {weight.numel()})")
+        differ = int((_gather(weight, idx) != base).sum()) if idx.numel() else 0
+        if differ:
+            raise AdapterMismatchError(
+                f"sara: {name}: {differ} of {idx.numel()} saved base values differ from this model's weights; "
+                "the adapter was trained on other base weights"
+            )
+
+
+def sara_module(model: nn.Module) -> SaRAModule:
+    """`model.petl.sara` (also through a DDP / accelerate wrapper); ValueError when SaRA is not applied."""
+    state = get_state(model)
+    if state is None and isinstance(getattr(model, "module", None), nn.Module):  # DDP / accelerate wrapper
+        state = get_state(model.module)
+    module = getattr(state, "sara", None)
+    if not isinstance(module, SaRAModule):
+        raise ValueError(f"no SaRA is applied to this {type(model).__name__}; call pv.apply(model, 'sara') first")
+    return module
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    host = getattr(model, "module", model) if get_state(model) is None else model
+    path, _, attr = name.rpartition(".")
+    return host.get_submodule(path), attr
+
+
+def _write_all(model: nn.Module, prefix: str = "", keep_vars: bool = False) -> None:
+    """state_dict pre-hook of the host: the weights read out hold the values of the last optimizer
+    step even when no forward ran since (writes otherwise happen on access, in the forward)."""
+    module = getattr(get_state(model), "sara", None)
+    for name, delta in (module.deltas() if isinstance(module, SaRAModule) else {}).items():
+        owner, attr = _owner(model, name)
+        delta.write(owner.parametrizations[attr].original)
+
+
+def _remove(model: nn.Module, restore: bool) -> None:
+    """Write the values (merge) or the base (restore) into the host tensors and drop SaRA's state."""
+    module = sara_module(model)
+    module.hook.remove()
+    for name, delta in module.deltas().items():
+        owner, attr = _owner(model, name)
+        delta.write(owner.parametrizations[attr].original, restore=restore)
+        # A deepcopy of a parametrized module shares its generated class; removing a
+        # parametrization edits that class, so give this module a class of its own first.
+        cls = type(owner)
+        owner.__class__ = type(cls.__name__, cls.__bases__, {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
+        parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
+        params = dict(owner._parameters)
+        owner._parameters.clear()
+        owner._parameters.update({k: params[k] for k in delta.param_order if k in params})
+        owner._parameters.update(params)
+    delattr(get_state(model), "sara")
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove SaRA from `model`, restoring the base weights bit for bit; other methods stay."""
+    state = get_state(model)
+    _remove(model, restore=True)
+    state.applied = [a for a in state.applied if a.name != "sara"]
+    if not state.applied:
+        remove_state(model)
+    else:
+        state.refresh_frozen(model)
+    return model
+
+
+def regularization_loss(model: nn.Module, generator: torch.Generator | None = None) -> torch.Tensor:
+    """rank_weight * nuclear norm of the sparse update (W - W_base) of one random eligible 2-D tensor.
+
+    Add it to the training loss each step. Candidates: 2-D tensors with min(shape) > rank_min_dim
+    (official: 64). Returns a 0-dim tensor (zero when there is no candidate or rank_weight is 0).
+    With `official_regularizer_defect` the value is the same but no gradient reaches the values.
+    """
+    module = sara_module(model)
+    config = module.config
+    candidates = [d for d in module.deltas().values() if len(d.shape) == 2 and min(d.shape) > config.rank_min_dim]
+    device = next(module.parameters()).device
+    if not candidates or config.rank_weight == 0:
+        return torch.zeros((), device=device)
+    delta = candidates[int(torch.randint(len(candidates), (1,), generator=generator))]
+    values = delta.values
+    if config.official_regularizer_defect:  # the official gradient lands on a tensor no optimizer holds
+        values = values.detach().clone().requires_grad_(True)
+    update = delta.dense_update(values).float()
+    return config.rank_weight * torch.linalg.matrix_norm(update, ord="nuc")
+
+
+def reselect_step(model: nn.Module, total_steps: int) -> int | None:
+    """The optimizer step after which `reselect` runs (progressive_step, or progressive_fraction of
+    total_steps); None when progressive re-selection is off. The official code crashes on its first
+    step when the progressive step is unset; here it simply never re-selects."""
+    config = sara_module(model).config
+    if config.progressive_step is not None:
+        return config.progressive_step if config.progressive_step > 0 else None
+    if config.progressive_fraction is None:
+        return None
+    return max(1, int(config.progressive_fraction * total_steps))
+
+
+@torch.no_grad()
+def reselect(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Progressive adjustment: select the trainable entries again, on the current weights.
+
+    Entries that stay selected keep their learned values and their optimizer state (every
+    per-entry state tensor, e.g. Adam's moments); newly selected entries start at their current
+    weight with zero state; entries no longer selected keep their learned values, frozen (fixed_*).
+    Each values Parameter is replaced by a new one of the new size (autograd caches a leaf's shape,
+    so resizing in place breaks backward while an old graph is alive); `optimizer`'s param_groups
+    and state are updated to the new Parameters, so it needs no rebuilding. Re-read the trainable
+    parameters from the model afterwards (e.g. for gradient clipping).
+    Returns {"selected": total new k, "kept": entries that stayed selected, "fixed": total m}.
+    """
+    module = sara_module(model)
+    config = module.config
+    inner = optimizer
+    while inner is not None and not isinstance(inner, torch.optim.Optimizer):  # accelerate's wrapper
+        inner = inner.optimizer
+    totals = {"selected": 0, "kept": 0, "fixed": 0}
+    for name, delta in module.deltas().items():
+        owner, attr = _owner(model, name)
+        weight = owner.parametrizations[attr].original
+        delta.write(weight)
+        old_idx = delta.indices.long()
+        new_idx = select_entries(weight, config).long()
+        # Every entry ever trained (selected now or fixed before), sorted, with its base value.
+        touched = torch.cat([old_idx, delta.fixed_indices.long()])
+        touched_base = torch.cat([delta.base, delta.fixed_base])
+        touched, order = touched.sort()
+        touched_base = touched_base[order]
+        hit_touched, pos_touched = _lookup(touched, new_idx)
+        current = _gather(weight, new_idx)
+        new_base = torch.where(hit_touched, touched_base[pos_touched], current)
+        kept, pos_old = _lookup(old_idx, new_idx)
+        still_fixed = ~torch.isin(touched, new_idx)
+
+        old = delta.values
+        delta.values = nn.Parameter(current.clone(), requires_grad=old.requires_grad)
+        _swap_parameter(model, inner, old, delta.values, kept, pos_old)
+        index_dtype = delta.indices.dtype
+        delta.indices, delta.base = new_idx.to(index_dtype), new_base
+        delta.fixed_indices = touched[still_fixed].to(index_dtype)
+        delta.fixed_values = _gather(weight, touched[still_fixed])
+        delta.fixed_base = touched_base[still_fixed]
+        totals["selected"] += new_idx.numel()
+        totals["kept"] += int(kept.sum())
+        totals["fixed"] += int(still_fixed.sum())
+    return totals
+
+
+def _swap_parameter(model, optimizer, old: nn.Parameter, new: nn.Parameter, kept: torch.Tensor, pos_old: torch.Tensor) -> None:
+    """Put `new` where `old` was: in the optimizer (state entries of kept positions carried over,
+    per-entry tensors only; scalars like Adam's step kept) and in petl_vision's bookkeeping."""
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            group["params"] = [new if p is old else p for p in group["params"]]
+        state = optimizer.state.pop(old, None)
+        if state is not None:
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == old.shape and value.dim() == 1:
+                    fresh = value.new_zeros(new.shape)
+                    fresh[kept] = value[pos_old[kept]]
+                    state[key] = fresh
+            optimizer.state[new] = state
+    state = get_state(model) or get_state(model.module)
+    for applied in state.applied:
+        applied.added = [new if p is old else p for p in applied.added]
+
+
+def _lookup(sorted_idx: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(found (q,) bool, position (q,)) of each query in the sorted 1-D `sorted_idx`."""
+    if sorted_idx.numel() == 0:
+        return torch.zeros_like(query, dtype=torch.bool), torch.zeros_like(query)
+    pos = torch.searchsorted(sorted_idx, query).clamp(max=sorted_idx.numel() - 1)
+    return sorted_idx[pos] == query, pos

@@ -1,0 +1,330 @@
+"""Fine-tune the UNet of a diffusers text-to-image pipeline: SaRA (default), LoRA (peft) or full.
+
+The standard noise-prediction recipe of diffusers' text-to-image scripts, as the SaRA code uses it:
+VAE latents * scaling_factor, uniform timesteps, `noise_scheduler.add_noise`, MSE to the noise (or
+the velocity for v-prediction models); the VAE and text encoder are frozen (cast to fp16/bf16 under
+mixed precision), the UNet stays fp32 under autocast. On Accelerate: mixed precision, gradient
+accumulation, checkpoints every N steps with exact --resume, validation images every N steps.
+
+SaRA adds its nuclear-norm regulariser to the loss every step and re-selects its trainable entries
+at the configured step (half of training by default), keeping the optimizer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import shutil
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+import petl_vision as pv
+from petl_vision.data.captions import CaptionedImageFolder, image_transform
+from petl_vision.methods import sara
+
+from .config import ConfigError, MethodSection, _coerce, merge_dicts
+from .trainer import TrainState
+
+METHODS = ("sara", "lora", "full")
+# diffusers' standard LoRA placement for Stable Diffusion: the attention projections.
+LORA_DEFAULTS = {"r": 4, "alpha": 4.0, "target_modules": r"to_(q|k|v|out\.0)$", "train_head": False}
+
+
+@dataclass
+class DiffusionConfig:
+    """Every field is a YAML key of configs/sd15_sara.yaml and a `key=value` override.
+
+    model: a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+        scheduler/) or a hub id (needs network). data: a captioned image folder (data.captions).
+    method: {name: sara | lora | full, ...config fields}; lora defaults to LORA_DEFAULTS.
+    lr: None = the method's rule: SaRA 1e-3 * exp(-350 * threshold) (official), LoRA 1e-4, full 1e-5.
+    lr_scheduler: any name of diffusers.optimization.get_scheduler (cosine, constant, linear, ...).
+    checkpoint_every / validation_every: in optimizer steps; validation needs validation_prompt.
+    """
+
+    model: str = "runwayml/stable-diffusion-v1-5"
+    data: str = "data/finetune"
+    output_dir: str = "runs/diffusion"
+    method: MethodSection = field(default_factory=lambda: MethodSection(name="sara"))
+    revision: str | None = None
+    resolution: int = 512
+    center_crop: bool = False
+    random_flip: bool = False
+    caption_prefix: str = ""
+    batch_size: int = 4
+    grad_accum_steps: int = 1
+    max_steps: int = 5005
+    lr: float | None = None
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str | None = None
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    validation_prompt: str | None = None
+    validation_every: int = 500
+    num_validation_images: int = 4
+    validation_inference_steps: int = 30
+    seed: int = 42
+    num_workers: int = 0
+    progress: bool = True
+
+
+def load_diffusion_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DiffusionConfig:
+    """DiffusionConfig from a YAML file (or the defaults) plus `dotted.key=value` overrides."""
+    raw: dict = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. max_steps=100")
+        value = yaml.safe_load(text) if text.strip() else None
+        parts = key.strip().split(".")
+        if parts[0] == "method" and len(parts) == 1:
+            value = {"name": value} if isinstance(value, str) else value
+        for part in reversed(parts[1:]):
+            value = {part: value}
+        raw = merge_dicts(raw, {parts[0]: value})
+    return from_dict(raw, str(path or "config"))
+
+
+def from_dict(raw: dict, source: str = "config") -> DiffusionConfig:
+    hints = typing.get_type_hints(DiffusionConfig)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise ConfigError(f"{source}: unknown key {key!r}; valid keys: {', '.join(hints)}")
+        if key == "method":
+            method = {"name": value} if isinstance(value, str) else dict(value or {})
+            kwargs["method"] = MethodSection(name=method.pop("name", "sara"), overrides=method)
+        else:
+            kwargs[key] = _coerce(value, hints[key], source, key)
+    cfg = DiffusionConfig(**kwargs)
+    if cfg.method.name not in METHODS:
+        raise ConfigError(f"{source}: method.name must be one of {METHODS}, got {cfg.method.name!r}")
+    if cfg.mixed_precision not in (None, "no", "fp16", "bf16"):
+        raise ConfigError(f"{source}: mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    for key in ("max_steps", "batch_size", "grad_accum_steps", "checkpoint_every", "validation_every", "keep_checkpoints", "resolution"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{source}: {key} must be >= 1, got {getattr(cfg, key)}")
+    try:
+        pv.make_config(cfg.method.name, **method_overrides(cfg))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: method {cfg.method.name!r}: {e}") from e
+    return cfg
+
+
+def method_overrides(cfg: DiffusionConfig) -> dict:
+    return {**LORA_DEFAULTS, **cfg.method.overrides} if cfg.method.name == "lora" else dict(cfg.method.overrides)
+
+
+def default_lr(cfg: DiffusionConfig) -> float:
+    if cfg.lr is not None:
+        return cfg.lr
+    if cfg.method.name == "sara":
+        return 1e-3 * math.exp(-350 * pv.make_config("sara", **cfg.method.overrides).threshold)
+    return 1e-4 if cfg.method.name == "lora" else 1e-5
+
+
+def load_components(cfg: DiffusionConfig) -> dict:
+    """tokenizer, text_encoder, vae, unet and the DDPM noise scheduler of the pipeline `cfg.model`."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw = dict(revision=cfg.revision)
+    return {
+        "tokenizer": CLIPTokenizer.from_pretrained(cfg.model, subfolder="tokenizer", **kw),
+        "text_encoder": CLIPTextModel.from_pretrained(cfg.model, subfolder="text_encoder", **kw),
+        "vae": AutoencoderKL.from_pretrained(cfg.model, subfolder="vae", **kw),
+        "unet": UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **kw),
+        "noise_scheduler": DDPMScheduler.from_pretrained(cfg.model, subfolder="scheduler"),
+    }
+
+
+def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = None, stop_after_step: int | None = None) -> dict:
+    """Train and return {"unet", "output_dir", "adapter_dir", "unet_dir", "steps", "losses", "trainable_params"}.
+
+    resume: a checkpoint dir, or True for the latest under `cfg.output_dir/checkpoints`.
+    stop_after_step: stop (as if interrupted) after that step's checkpoint; for tests.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+    )
+    set_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        record = dataclasses.asdict(cfg) | {"method": {"name": cfg.method.name, **cfg.method.overrides}}
+        (out / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+
+    parts = load_components(cfg)
+    tokenizer, text_encoder, vae, unet, noise_scheduler = (parts[k] for k in ("tokenizer", "text_encoder", "vae", "unet", "noise_scheduler"))
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae.requires_grad_(False).to(accelerator.device, weight_dtype).eval()
+    text_encoder.requires_grad_(False).to(accelerator.device, weight_dtype).eval()
+    unet.to(accelerator.device)
+    pv.apply(unet, cfg.method.name, **method_overrides(cfg))
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+
+    dataset = CaptionedImageFolder(cfg.data, image_transform(cfg.resolution, cfg.center_crop, cfg.random_flip), cfg.caption_prefix)
+
+    def collate(items):
+        ids = tokenizer([c for _, c in items], max_length=tokenizer.model_max_length, padding="max_length",
+                        truncation=True, return_tensors="pt").input_ids
+        return torch.stack([x for x, _ in items]), ids
+
+    loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, shuffle=True, collate_fn=collate, num_workers=cfg.num_workers)
+    optimizer = torch.optim.AdamW(trainable, lr=default_lr(cfg), betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    from diffusers.optimization import get_scheduler
+
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * accelerator.num_processes,
+                              num_training_steps=cfg.max_steps * accelerator.num_processes)
+    unet, optimizer, loader, scheduler = accelerator.prepare(unet, optimizer, loader, scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    if resume:
+        ckpt = latest_checkpoint(out) if resume is True else Path(resume)
+        accelerator.load_state(str(ckpt))
+        accelerator.print(f"resumed from {ckpt} at step {state.step}")
+
+    plain_unet = accelerator.unwrap_model(unet)
+    reselect_at = sara.reselect_step(plain_unet, cfg.max_steps) if cfg.method.name == "sara" else None
+    steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum_steps))
+    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (cfg.progress and sys.stderr.isatty() and accelerator.is_local_main_process))
+    losses: list[float] = []
+    unet.train()
+    while state.step < cfg.max_steps:
+        epoch, done_in_epoch = divmod(state.step, steps_per_epoch)
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, done_in_epoch * cfg.grad_accum_steps) if done_in_epoch else loader
+        for pixels, input_ids in batches:
+            with accelerator.accumulate(unet):
+                loss = noise_prediction_loss(unet, vae, text_encoder, noise_scheduler, pixels, input_ids, weight_dtype)
+                total = loss + sara.regularization_loss(unet) if cfg.method.name == "sara" else loss
+                accelerator.backward(total)
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            losses.append(accelerator.gather(loss.detach()).mean().item())
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if state.step == reselect_at:
+                counts = sara.reselect(plain_unet, optimizer)
+                trainable = [p for p in unet.parameters() if p.requires_grad]  # new values Parameters
+                accelerator.print(f"step {state.step}: SaRA re-selection {counts}")
+            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
+                save_checkpoint(accelerator, out, state.step, cfg.keep_checkpoints)
+            if cfg.validation_prompt and accelerator.is_main_process and (state.step % cfg.validation_every == 0 or state.step == cfg.max_steps):
+                validate(cfg, parts, plain_unet, accelerator, state.step, weight_dtype)
+                unet.train()
+            if state.step >= cfg.max_steps or state.step == stop_after_step:
+                break
+        if state.step == stop_after_step:
+            break
+    bar.close()
+    result = {"unet": plain_unet, "output_dir": str(out), "adapter_dir": None, "unet_dir": None, "steps": state.step,
+              "losses": losses, "trainable_params": sum(p.numel() for p in trainable)}
+    if state.step < cfg.max_steps:  # stopped early
+        return result
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if cfg.method.name == "full":
+            pv.merge(plain_unet).save_pretrained(out / "unet")
+            result["unet_dir"] = str(out / "unet")
+        else:
+            result["adapter_dir"] = str(pv.save_adapter(plain_unet, out / "adapter"))
+    accelerator.end_training()
+    return result
+
+
+def noise_prediction_loss(unet, vae, text_encoder, noise_scheduler, pixels, input_ids, weight_dtype) -> torch.Tensor:
+    """MSE between the UNet's prediction and the noise (epsilon) or velocity (v_prediction) target."""
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(weight_dtype)).latent_dist.sample() * vae.config.scaling_factor
+        encoder_hidden_states = text_encoder(input_ids)[0]
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"noise scheduler prediction_type {prediction_type!r}: expected 'epsilon' or 'v_prediction'")
+    prediction = unet(noisy, timesteps, encoder_hidden_states).sample
+    return F.mse_loss(prediction.float(), target.float())
+
+
+@torch.no_grad()
+def validate(cfg: DiffusionConfig, parts: dict, unet, accelerator, step: int, weight_dtype) -> list[Path]:
+    """Generate `num_validation_images` for `validation_prompt`; saved as validation/step_<n>_<i>.png."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(
+        cfg.model, unet=unet, vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+        revision=cfg.revision, safety_checker=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    unet.eval()
+    generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
+    folder = Path(cfg.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with accelerator.autocast():
+        for i in range(cfg.num_validation_images):
+            image = pipe(cfg.validation_prompt, num_inference_steps=cfg.validation_inference_steps, generator=generator,
+                         height=cfg.resolution, width=cfg.resolution).images[0]
+            paths.append(folder / f"step_{step:06d}_{i}.png")
+            image.save(paths[-1])
+    del pipe
+    return paths
+
+
+def _step_of(path: Path) -> int:
+    match = re.fullmatch(r"step_(\d+)", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path:
+    """The newest `output_dir/checkpoints/step_<n>`."""
+    ckpts = sorted(Path(output_dir, "checkpoints").glob("step_*"), key=_step_of)
+    if not ckpts:
+        raise FileNotFoundError(f"resume: no checkpoint in {output_dir} (expected {output_dir}/checkpoints/step_<n>)")
+    return ckpts[-1]
+
+
+def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> Path:
+    """`accelerator.save_state` to `out/checkpoints/step_<step>`, keeping the last `keep`."""
+    ckpt = out / "checkpoints" / f"step_{step}"
+    accelerator.save_state(str(ckpt))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for old in sorted((out / "checkpoints").glob("step_*"), key=_step_of)[:-keep]:
+            shutil.rmtree(old)
+    return ckpt

@@ -1,0 +1,125 @@
+"""scripts/finetune_diffusion.py on a tiny offline pipeline and a generated captioned image folder."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from test_sara import one_thread, tiny_pipeline  # noqa: F401  (one_thread: module-wide fixture)
+
+import petl_vision as pv
+from petl_vision.data.captions import CaptionedImageFolder, read_captions
+from petl_vision.data.common import DataError
+from petl_vision.train.diffusion import ConfigError, load_diffusion_config
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "finetune_diffusion.py"
+
+
+def script_main():
+    spec = importlib.util.spec_from_file_location("finetune_diffusion", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    tiny_pipeline(root).save_pretrained(root / "pipe")
+    return root / "pipe"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """4 images of 20x20: two captioned in metadata.jsonl (one with two captions), two by .txt files."""
+    root = tmp_path_factory.mktemp("captions")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(root / f"img{i}.png")
+    (root / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "img0.png", "text": "a red square"}) + "\n"
+        + json.dumps({"file_name": "img1.png", "text": ["a blue square", "a square"]}) + "\n"
+    )
+    (root / "img2.txt").write_text("a green square\n")
+    (root / "img3.txt").write_text("noise")
+    return root
+
+
+def test_captioned_folder(data_dir, tmp_path):
+    samples = read_captions(data_dir)
+    assert [(p.name, c) for p, c in samples] == [
+        ("img0.png", ["a red square"]), ("img1.png", ["a blue square", "a square"]),
+        ("img2.png", ["a green square"]), ("img3.png", ["noise"]),
+    ]
+    image, caption = CaptionedImageFolder(data_dir, caption_prefix="Barbie style, ")[2]
+    assert caption == "Barbie style, a green square" and image.size == (20, 20)
+    (tmp_path / "x.png").write_bytes((data_dir / "img0.png").read_bytes())
+    with pytest.raises(DataError, match=r"no caption for \['x.png'\]"):
+        read_captions(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "y.png", "text": "a"}\n')
+    with pytest.raises(DataError, match=r"metadata.jsonl:1: image 'y.png' not found"):
+        read_captions(tmp_path)
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="unknown key 'steps'"):
+        load_diffusion_config(None, ["steps=3"])
+    with pytest.raises(ConfigError, match="method.name must be one of"):
+        load_diffusion_config(None, ["method=vpt"])
+    with pytest.raises(ConfigError, match="SaRAConfig has no field"):
+        load_diffusion_config(None, ["method.thresh=1"])
+    cfg = load_diffusion_config(Path(__file__).resolve().parents[1] / "configs" / "sd15_sara.yaml", ["max_steps=10"])
+    assert cfg.method.name == "sara" and cfg.method.overrides["threshold"] == 2e-3 and cfg.max_steps == 10
+
+
+def run_script(pipeline_dir, data_dir, out, *extra):
+    return script_main()([
+        "--model", str(pipeline_dir), "--data", str(data_dir), "--output-dir", str(out), "--no-progress",
+        "resolution=16", "batch_size=2", "checkpoint_every=2", "seed=0", "lr=0.01", *extra,
+    ])
+
+
+def test_three_steps_sara_with_validation_and_resume(pipeline_dir, data_dir, tmp_path):
+    result = run_script(pipeline_dir, data_dir, tmp_path / "run", "--max-steps", "3", "validation_prompt=a square",
+                        "validation_every=2", "num_validation_images=1", "validation_inference_steps=2",
+                        "method.threshold=0.01", "method.progressive_step=2", "method.rank_min_dim=8")
+    out = tmp_path / "run"
+    assert result["steps"] == 3 and len(result["losses"]) == 3 and all(np.isfinite(result["losses"]))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_3"]
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step_000002_0.png", "step_000003_0.png"]
+    adapter = load_file(out / "adapter" / "adapter.safetensors")
+    assert any(k.endswith("fixed_indices") and v.numel() for k, v in adapter.items())  # re-selected at step 2
+    unet = pv.load_adapter(tiny_pipeline(tmp_path).unet, out / "adapter")
+    x = (torch.randn(1, 4, 8, 8), torch.tensor([3]), torch.randn(1, 5, 32))
+    with torch.no_grad():
+        expected = result["unet"].eval()(*x).sample
+        assert torch.equal(unet(*x).sample, expected)
+
+    # Interrupted after step 2, then resumed: the same adapter as the uninterrupted run.
+    from petl_vision.train.diffusion import train_diffusion
+
+    cfg = load_diffusion_config(None, [f"model={pipeline_dir}", f"data={data_dir}", f"output_dir={tmp_path / 'cut'}", "progress=false",
+                                       "resolution=16", "batch_size=2", "checkpoint_every=2", "seed=0", "lr=0.01", "max_steps=3",
+                                       "method.threshold=0.01", "method.progressive_step=2", "method.rank_min_dim=8"])
+    assert train_diffusion(cfg, stop_after_step=2)["adapter_dir"] is None
+    resumed = run_script(pipeline_dir, data_dir, tmp_path / "cut", "--max-steps", "3", "--resume", "method.threshold=0.01",
+                         "method.progressive_step=2", "method.rank_min_dim=8")
+    assert resumed["losses"] == result["losses"][2:]
+    again = load_file(tmp_path / "cut" / "adapter" / "adapter.safetensors")
+    assert adapter.keys() == again.keys() and all(torch.equal(adapter[k], again[k]) for k in adapter)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_other_methods(pipeline_dir, data_dir, tmp_path, method):
+    result = run_script(pipeline_dir, data_dir, tmp_path, "--method", method, "--max-steps", "1")
+    assert result["steps"] == 1
+    if method == "lora":
+        tensors = load_file(tmp_path / "adapter" / "adapter.safetensors")
+        assert tensors and all("lora_" in k for k in tensors)
+    else:
+        from diffusers import UNet2DConditionModel
+
+        UNet2DConditionModel.from_pretrained(tmp_path / "unet")
