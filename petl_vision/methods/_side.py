@@ -1,0 +1,215 @@
+"""Plumbing shared by side networks (LST, UniPT): read a frozen token host, replace its output.
+
+A side network never sends gradients into the backbone. With every backbone parameter frozen and
+an input that does not require grad, PyTorch records no autograd graph for the backbone's
+operations, so the backbone's activations are freed as its forward goes, exactly as under
+``torch.no_grad()``. `SideNetwork.install` registers forward hooks that:
+
+- detach the model's input and check that no backbone parameter requires grad (root pre-hook);
+- capture the embedding output (pre-hook of the first block) and every block output, detached:
+  L + 1 hidden states of shape (B, N, D), N = prefix tokens + patch tokens;
+- capture the input of the host's classifier head (B, D): the pooled, normed final feature
+  (UniPT's "raw anchor");
+- replace the model's output with the side network's logits (root forward hook).
+
+The host's own classifier head still runs but its output is discarded; it stays frozen and is not
+part of the trainable set (each side network has its own head, initialised as a copy of the host's,
+see `make_head`).
+
+`side_features(model, images)` runs only the backbone and returns what the side network reads, and
+`side_forward_from_cache(model, features)` runs only the side network: the feature cache uses them.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ..core.state import get_state, host_modules
+from ..core.errors import UnsupportedHostError
+from ..hosts import TokenHost, classifier_modules, token_host
+
+
+def pool_kind(model: nn.Module, host: TokenHost) -> str:
+    """How the host pools tokens: "token" (the CLS token, index 0) or "avg" (mean of patch tokens).
+
+    timm's `global_pool` or open_clip's `pool_type` (on the model or its `visual`) decide: 'token'
+    or 'tok' -> "token", anything else -> "avg"; without either, a host with prefix tokens is
+    taken to pool its first token.
+    """
+    for owner in (model, getattr(model, "visual", None)):
+        pool = getattr(owner, "global_pool", None) or getattr(owner, "pool_type", None)
+        if isinstance(pool, str):
+            return "token" if pool in ("token", "tok") else "avg"
+    return "token" if host.num_prefix_tokens > 0 else "avg"
+
+
+def pool_tokens(x: torch.Tensor, kind: str, num_prefix_tokens: int) -> torch.Tensor:
+    """(B, N, C) -> (B, C): the first token, or the mean of the patch tokens."""
+    return x[:, 0] if kind == "token" else x[:, num_prefix_tokens:].mean(dim=1)
+
+
+def check_side_host(model: nn.Module, method: str) -> TokenHost:
+    """The token host of `model`, which must also have a classifier head a side network can copy."""
+    host = token_host(model, method)
+    heads = classifier_modules(model)
+    if not heads:
+        raise UnsupportedHostError(
+            f"method {method!r} needs a classifier with a head (`get_classifier()`), got {type(model).__name__} without one "
+            "(supported: timm ViTs, petl_vision.clip.CLIPClassifier)"
+        )
+    weight = getattr(heads[0], "weight", None)
+    if not isinstance(heads[0], (nn.Linear, nn.Identity)) and not (isinstance(weight, torch.Tensor) and weight.dim() == 2):
+        raise UnsupportedHostError(f"method {method!r}: cannot copy a {type(heads[0]).__name__} head (supported: Linear, "
+                                   "Identity, a zero-shot head with a (classes, dim) weight)")
+    return host
+
+
+def make_head(model: nn.Module, host: TokenHost) -> tuple[nn.Module, int]:
+    """The side network's own head and its input width, copied from the host's first head.
+
+    Linear: a copy. Identity (timm num_classes=0): Identity, width D. A zero-shot head
+    (`logit_scale.exp() * f @ weight.T`, petl_vision.clip): a Linear with that weight, no bias.
+    """
+    head = classifier_modules(model)[0]
+    if isinstance(head, nn.Identity):
+        return nn.Identity(), host.dim
+    weight = head.weight
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=getattr(head, "bias", None) is not None,
+                    device=weight.device, dtype=weight.dtype)
+    if weight.device.type != "meta":
+        with torch.no_grad():
+            scale = head.logit_scale.exp() if isinstance(getattr(head, "logit_scale", None), torch.Tensor) else 1.0
+            new.weight.copy_(weight * scale)
+            if new.bias is not None:
+                new.bias.copy_(head.bias)
+    return new, weight.shape[1]
+
+
+class SideNetwork(nn.Module):
+    """Base of side networks. Subclasses define `forward(hidden, pooled) -> logits`.
+
+    hidden: L + 1 tensors (B, N, D) (embedding output, then every block's output), detached.
+    pooled: (B, D) input of the host's classifier head, or None when the host has none.
+    """
+
+    method = "side"
+
+    def __init__(self):
+        super().__init__()
+        self.enabled = True  # False: the model runs as the plain host (Fisher init uses this)
+        self._capture_only = False
+        self._captured: list[torch.Tensor] = []
+        self._pooled: torch.Tensor | None = None
+        self._last: dict | None = None
+        self._backbone_params: list[nn.Parameter] = []
+        self._warned: set[str] = set()
+
+    def install(self, model: nn.Module, host: TokenHost) -> None:
+        """Register the hooks on `model` (the side network must already be inside `model.petl`)."""
+        frozen = [(n, p) for n, m in host_modules(model) for n, p in m.named_parameters(recurse=False)]
+        trainable = [n for n, p in frozen if p.requires_grad]
+        if trainable:
+            raise ValueError(
+                f"method {self.method!r} reads the backbone's activations detached, so backbone parameters cannot train "
+                f"(trainable: {trainable[:3]}{' ...' if len(trainable) > 3 else ''}); apply {self.method!r} alone, on a fresh model"
+            )
+        self._backbone_params = [p for _, p in frozen]
+        model.register_forward_pre_hook(self._before_model, with_kwargs=True)
+        host.blocks[0].register_forward_pre_hook(self._capture_embedding)
+        for block in host.blocks:
+            block.register_forward_hook(self._capture_block)
+        heads = classifier_modules(model)
+        if heads:
+            heads[0].register_forward_pre_hook(self._capture_pooled)
+        model.register_forward_hook(self._replace_output)
+
+    # ------------------------------------------------------------------ hooks
+    def _before_model(self, model: nn.Module, args: tuple, kwargs: dict):
+        self._captured, self._pooled = [], None
+        if not self.enabled:
+            return None
+        if torch.is_grad_enabled():
+            for p in self._backbone_params:
+                if p.requires_grad:
+                    raise RuntimeError(
+                        f"method {self.method!r}: a backbone parameter of shape {tuple(p.shape)} requires grad; the side "
+                        "network keeps the backbone frozen (set requires_grad=False, or use a method that trains the backbone)"
+                    )
+        detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()}
+
+    def _capture_embedding(self, block: nn.Module, args: tuple):
+        if self.enabled:
+            self._captured = [args[0].detach()]
+
+    def _capture_block(self, block: nn.Module, args: tuple, output: torch.Tensor):
+        if self.enabled:
+            self._captured.append(output.detach())
+
+    def _capture_pooled(self, head: nn.Module, args: tuple):
+        if self.enabled:
+            self._pooled = args[0].detach()
+
+    def _replace_output(self, model: nn.Module, args: tuple, output):
+        if not self.enabled:
+            return None
+        hidden, pooled = self._captured, self._pooled
+        self._captured, self._pooled = [], None
+        if self._capture_only:
+            self._last = {"hidden": hidden, "pooled": pooled}
+            return None
+        self.before_training_forward()
+        return self(hidden, pooled)
+
+    def before_training_forward(self) -> None:
+        """Called before each side forward through the model; subclasses may warn here."""
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+
+def side_network(model: nn.Module) -> SideNetwork:
+    """The side network applied to `model` (ValueError when there is none)."""
+    state = get_state(model)
+    found = [m for m in state.children() if isinstance(m, SideNetwork)] if state is not None else []
+    if not found:
+        applied = state.method_names if state is not None else []
+        raise ValueError(f"no side network (lst, unipt) is applied to this model (applied: {applied})")
+    return found[0]
+
+
+def side_features(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run only the backbone; return what the side network reads.
+
+    Returns {"hidden": (B, L + 1, N, D), "pooled": (B, D)} ("pooled" only when the host has a head).
+    """
+    side = side_network(model)
+    side._capture_only = True
+    try:
+        with torch.no_grad():
+            model(images)
+        captured = side._last
+    finally:
+        side._capture_only, side._last = False, None
+    features = {"hidden": torch.stack(captured["hidden"], dim=1)}
+    if captured["pooled"] is not None:
+        features["pooled"] = captured["pooled"]
+    return features
+
+
+def side_forward_from_cache(model: nn.Module, features: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of the side network from stored backbone features, without running the backbone.
+
+    features: {"hidden": (B, L + 1, N, D), "pooled": (B, D) optional}, as `side_features` returns
+    (other keys, such as "target", are ignored). Tensors are cast to the side network's dtype.
+    """
+    side = side_network(model)
+    ref = next(side.parameters())
+    hidden = features["hidden"].to(device=ref.device, dtype=ref.dtype)
+    pooled = features.get("pooled")
+    pooled = pooled.to(device=ref.device, dtype=ref.dtype) if pooled is not None else None
+    return side(list(hidden.unbind(1)), pooled)
