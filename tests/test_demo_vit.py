@@ -1,7 +1,7 @@
 """Tests for the bundled demo ViT (petl_vision.models.demo_vit)."""
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from petl_vision.models import DEMO_VIT_PATH, create_demo_vit
 
@@ -20,8 +20,8 @@ def test_data_config():
     assert cfg["interpolation"] == "bilinear" and cfg["crop_pct"] == 1.0
 
 
-@pytest.mark.skipif(not DEMO_VIT_PATH.is_file(), reason="demo asset not generated")
 def test_pretrained_loads_backbone():
+    assert DEMO_VIT_PATH.is_file(), "run python scripts/make_demo_backbone.py"
     torch.manual_seed(0)
     random = create_demo_vit(pretrained=False)
     torch.manual_seed(0)
@@ -29,6 +29,9 @@ def test_pretrained_loads_backbone():
     assert loaded(torch.randn(1, 3, 32, 32)).shape == (1, 3)
     assert not torch.equal(random.patch_embed.proj.weight, loaded.patch_embed.proj.weight)
     assert not torch.equal(random.blocks[-1].mlp.fc2.weight, loaded.blocks[-1].mlp.fc2.weight)
+    state = load_file(str(DEMO_VIT_PATH))
+    assert not any(k.startswith("head.") for k in state)
+    assert torch.equal(loaded.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
 
 
 def test_missing_checkpoint(tmp_path):
