@@ -210,3 +210,9 @@ def test_scale_shift_gradcheck():
     scale = (1 + 0.1 * torch.randn(4, dtype=torch.double)).requires_grad_()
     shift = torch.randn(4, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(pv.methods.ssf.ScaleShift.apply, (x, scale, shift))
+
+
+def test_method_modules_follow_the_model_mode():
+    model = make_host("vit").eval()
+    pv.apply(model, "vpt", dropout=0.5)
+    assert not model.petl.vpt.dropout.training

@@ -60,6 +60,7 @@ def _apply(model: nn.Module, config: MethodConfig, saved: dict | None = None) ->
     added = [p for p in params if id(p) not in before]
     unfrozen = [p for p in params if id(p) in before and p.requires_grad and not before[id(p)]]
     state.applied.append(AppliedMethod(config, added, unfrozen))
+    model.train(model.training)  # modules the method created follow the model's mode
     state.refresh_frozen(model)
     return model
 
