@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-from petl_vision.train import load_config, train
+from petl_vision.data import DataError
+from petl_vision.train import ConfigError, load_config, train
 from petl_vision.train.demo import run_demo
 
 
@@ -54,4 +55,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None

@@ -117,3 +117,26 @@ def test_cosine_warmup_schedule():
         sched.step()
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] < 0.05
+
+
+def test_demo_variants_and_cli(tmp_path):
+    import importlib.util
+
+    from petl_vision.train.demo import DEMO_CONFIG, VARIANTS, format_table
+
+    methods = []
+    for sub, recipe, identity in VARIANTS:
+        cfg = load_config(DEMO_CONFIG, [*recipe, "checkpoint=x.safetensors", "epochs=1", *identity])
+        methods.append((cfg.method.name, cfg.pretrained, cfg.epochs, cfg.data.kind, cfg.model))
+    assert [m[:2] for m in methods] == [("ssf", True), ("linear", True), ("full", False)]
+    assert all(m[2:] == (1, "digits", "demo_vit") for m in methods)
+    table = format_table([{"name": "ssf, pretrained", "trainable": 10, "total": 1000, "top1": 91.5, "seconds": 3.0}])
+    assert "91.50%" in table and "1.00%" in table
+
+    spec = importlib.util.spec_from_file_location("train_classifier", DEMO_CONFIG.parents[1] / "scripts" / "train_classifier.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.parse_args(["--config", "c.yaml", "--resume", "epochs=3", "optim.lr=0.1"])
+    assert args.resume is True and args.overrides == ["epochs=3", "optim.lr=0.1"]
+    args = script.parse_args(["--config", "c.yaml", "--resume", "runs/x", "--merge"])
+    assert args.resume == "runs/x" and args.merge

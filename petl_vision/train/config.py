@@ -112,6 +112,8 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(raw).__name__}")
     check_keys(raw, str(path))
+    if isinstance(raw.get("method"), str):  # `method: ssf` is short for `method: {name: ssf}`
+        raw["method"] = {"name": raw["method"]}
     base = raw.pop("base", None)
     if base is None:
         return raw
