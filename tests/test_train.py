@@ -72,6 +72,24 @@ def test_resume_matches_uninterrupted(image_root, tmp_path):
     assert resumed["metrics"]["top1"] == full["metrics"]["top1"]
 
 
+@pytest.mark.parametrize("method", ["lst", "unipt"])
+def test_side_network_feature_cache_gives_the_same_training(image_root, tmp_path, method):
+    """Epoch 2 trains from the on-disk feature cache; losses equal a run without the cache."""
+    extra = (f"method.name={method}", "data.augment=false")
+    cached = train(tiny_config(image_root, tmp_path / "cached", *extra))
+    plain = train(tiny_config(image_root, tmp_path / "plain", *extra, "feature_cache=false"))
+    assert (tmp_path / "cached" / "feature_cache").is_dir() and not (tmp_path / "plain" / "feature_cache").exists()
+    for a, b in zip(cached["history"], plain["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=2e-3)
+
+
+def test_lst_fisher_init_runs_from_the_training_data(image_root, tmp_path):
+    from petl_vision.methods import lst
+
+    result = train(tiny_config(image_root, tmp_path / "fisher", "method.name=lst", "method.init=fisher", "epochs=1"))
+    assert not lst.needs_data_init(result["model"])
+
+
 def test_yaml_base_and_overrides(tmp_path):
     (tmp_path / "methods").mkdir()
     (tmp_path / "methods" / "recipe.yaml").write_text(

@@ -84,6 +84,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # keep the last k epoch checkpoints
     merge: bool = False  # also write merged.safetensors when the methods can be merged
     progress: bool = True  # tqdm bar (shown only on a TTY)
+    feature_cache: bool = True  # side networks (lst, unipt) without augmentation: cache backbone features on disk
 
 
 SECTIONS = {"data": DataConfig, "method": MethodSection, "optim": OptimConfig, "sched": SchedConfig}

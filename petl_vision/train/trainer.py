@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 import petl_vision as pv
 from petl_vision.core.state import get_state
 from petl_vision.data import build_datasets
+from petl_vision.methods import lst as lst_method
+from petl_vision.methods._feature_cache import FeatureCache, IndexedDataset, cache_key, logits_with_cache, uses_side_network
 
 from .config import TrainConfig, to_dict
 from .model import build_model
@@ -85,6 +87,11 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
     pv.apply(model, cfg.method.name, **cfg.method.overrides)
     counts = pv.summary(model)
 
+    cache = None  # side networks (lst, unipt) on data without augmentation, one process
+    if cfg.feature_cache and not cfg.data.augment and uses_side_network(model) and accelerator.num_processes == 1:
+        cache = FeatureCache(out / "feature_cache", cache_key(model, train_ds), len(train_ds))
+        accelerator.print(f"feature cache: {cache.status} ({cache.directory})")
+        train_ds = IndexedDataset(train_ds)  # batches (indices, images, targets)
     train_loader = DataLoader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers)
     eval_loader = DataLoader(eval_ds, cfg.eval_batch_size or 2 * cfg.batch_size, num_workers=cfg.num_workers)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
@@ -94,6 +101,9 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
+    if lst_method.needs_data_init(accelerator.unwrap_model(model)) and not resume:
+        batches = ((b[-2], b[-1]) for b in train_loader)  # (images, targets), with or without indices
+        lst_method.init_side_from_backbone(accelerator.unwrap_model(model), loader=batches)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     log = MetricsLog(out, enabled=accelerator.is_main_process)
@@ -107,8 +117,12 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     history, stopped_early, ckpt_dir = [], False, None
     for epoch in range(state.epoch, cfg.epochs):
-        train_loader.set_epoch(epoch)
-        stats = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, accelerator, cfg, state, epoch, show_bar)
+        loader = train_loader
+        if cache is not None and cache.is_complete():  # no backbone, no image decoding
+            cached = DataLoader(cache.dataset(), cfg.batch_size, shuffle=True, num_workers=cfg.num_workers)
+            loader = accelerator.prepare_data_loader(cached)
+        loader.set_epoch(epoch)
+        stats = train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator, cfg, state, epoch, show_bar, cache)
         stats.update(evaluate(model, eval_loader, accelerator, num_classes))
         state.epoch = epoch + 1
         record = {"epoch": state.epoch, "step": state.step, **stats}
@@ -149,15 +163,25 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
     return result
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator, cfg, state, epoch, show_bar) -> dict:
-    """One pass over `loader`; returns train_loss (mean over batches), lr, epoch_time, images_per_s."""
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator, cfg, state, epoch, show_bar, cache=None) -> dict:
+    """One pass over `loader`; returns train_loss (mean over batches), lr, epoch_time, images_per_s.
+
+    cache: a side network's FeatureCache; batches then come from an IndexedDataset (filling it) or
+    from the complete cache (no backbone).
+    """
     model.train()
     loss_sum, batches, images = torch.zeros((), device=accelerator.device), 0, 0
     start = time.perf_counter()
     bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show_bar, leave=False)
-    for inputs, targets in loader:
+    for batch in loader:
         with accelerator.accumulate(model):
-            loss = criterion(model(inputs), targets)
+            if cache is not None:
+                with accelerator.autocast():
+                    logits, targets = logits_with_cache(accelerator.unwrap_model(model), batch, cache)
+            else:
+                inputs, targets = batch
+                logits = model(inputs)
+            loss = criterion(logits, targets)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 if cfg.clip_grad_norm:
@@ -168,7 +192,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator,
             optimizer.zero_grad()
         loss_sum += loss.detach()
         batches += 1
-        images += inputs.shape[0] * accelerator.num_processes
+        images += targets.shape[0] * accelerator.num_processes
         if show_bar:
             rate = images / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{rate:.0f}")

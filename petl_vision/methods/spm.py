@@ -1,0 +1,412 @@
+"""SPM: concept-semipermeable membranes (Lyu et al., CVPR 2024) on a diffusers UNet2DConditionModel.
+
+A membrane is a rank-r LoRA (official: r = 1, alpha = 1) on every nn.Linear and nn.Conv2d inside the
+UNet's transformer blocks (each `Transformer2DModel`: proj_in / proj_out, attn1 and attn2 to_q /
+to_k / to_v / to_out.0, ff.net.0.proj, ff.net.2), matched with isinstance; no ResNet block, no text
+encoder. For a target layer with output y (B, ..., out) and input x, membrane m adds
+
+    faithful (default):  y += c_m[b] * (alpha_m / r) * U_m D_m x          (each membrane once)
+    official_transport:  y += (sum_m c_m[b] (alpha_m / r) U_m) (sum_m c_m[b] D_m) x
+
+where D_m = lora_down (r x in; a Conv2d with the layer's kernel, stride and padding for convs),
+U_m = lora_up (out x r; 1x1 for convs), and c_m[b] = weight_m * g_m[b] is the membrane's strength
+for sample b (weight: set by the user, 1 by default; g: Facilitated Transport, see
+`petl_vision.diffusers.transport`, 1 when transport is off). The official inference multiplies every
+tensor of each membrane by c_m and sums membranes key by key, so one membrane acts with c^2 and
+several produce cross terms; `official_transport` reproduces it.
+
+Init as the official code: lora_down Kaiming-uniform (a = sqrt(5)), lora_up zero. The membranes
+live in ``model.petl.spm.membranes.<membrane name>.<official key>`` (official key:
+``lora_unet_<module path with "." -> "_">``) and act through forward hooks on the host layers, so the
+UNet's own modules and state_dict keys are untouched; `merge` folds the static membranes (c = weight)
+into the weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import re
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.api import remove_state
+from ..core.errors import UnsupportedHostError
+from ..core.registry import Method, MethodConfig, register_method
+from ..core.state import get_state, host_modules
+
+KEY_PREFIX = "lora_unet_"
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+_PEFT_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_dropout")
+
+
+@dataclasses.dataclass
+class SPMConfig(MethodConfig):
+    """Config of SPM membranes.
+
+    rank: rank r of each membrane (official: 1).
+    alpha: LoRA alpha; the update is scaled by alpha / rank (official: 1.0).
+    membranes: names of the membranes to create, one per erased concept (training: one). Letters,
+        digits, "_" and "-".
+    prompts: the erased-concept prompt of each membrane (empty: unknown), as the official file's
+        metadata "prompts" (several prompts of one membrane separated by ","); Facilitated Transport
+        compares the user's prompt against them.
+    official_transport: apply each membrane's strength c to both lora_down and lora_up and sum the
+        membranes key by key, as the official inference code does (c^2, cross terms between
+        membranes); default: each membrane's strength applied once (the paper).
+    """
+
+    name = "spm"
+    rank: int = 1
+    alpha: float = 1.0
+    membranes: tuple[str, ...] = ("default",)
+    prompts: tuple[str, ...] = ()
+    official_transport: bool = False
+
+    def __post_init__(self):
+        self.membranes, self.prompts = tuple(self.membranes), tuple(self.prompts)
+        if self.rank < 1:
+            raise ValueError(f"SPMConfig.rank must be >= 1, got {self.rank}")
+        if not self.membranes or len(set(self.membranes)) != len(self.membranes):
+            raise ValueError(f"SPMConfig.membranes must be non-empty and unique, got {self.membranes}")
+        bad = [n for n in self.membranes if not isinstance(n, str) or not _NAME.match(n)]
+        if bad:
+            raise ValueError(f"SPMConfig.membranes: invalid names {bad} (letters, digits, '_' and '-' only)")
+        if self.prompts and len(self.prompts) != len(self.membranes):
+            raise ValueError(f"SPMConfig.prompts: {len(self.prompts)} prompts for {len(self.membranes)} membranes {self.membranes}")
+
+    def prompt_of(self, membrane: str) -> str:
+        return self.prompts[self.membranes.index(membrane)] if self.prompts else ""
+
+
+def official_key(path: str) -> str:
+    """``down_blocks.0.attentions.0.proj_in`` -> ``lora_unet_down_blocks_0_attentions_0_proj_in``."""
+    return KEY_PREFIX + path.replace(".", "_")
+
+
+def target_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Official key -> nn.Linear / nn.Conv2d inside the UNet's Transformer2DModel blocks.
+
+    Layers of a peft LoRA injected by diffusers (lora_A, lora_B, ...) are skipped; the layer a peft
+    wrapper holds as ``base_layer`` keeps the key of the path it wraps.
+    """
+    diffusers = sys.modules.get("diffusers")
+    if diffusers is None:
+        return {}
+    transformer_cls = diffusers.Transformer2DModel
+    out: dict[str, nn.Module] = {}
+    for name, module in host_modules(model):
+        if not isinstance(module, transformer_cls):
+            continue
+        for child_name, child in module.named_modules():
+            parts = child_name.split(".")
+            if not isinstance(child, (nn.Linear, nn.Conv2d)) or any(p in _PEFT_PARTS for p in parts):
+                continue
+            path = ".".join(p for p in f"{name}.{child_name}".split(".") if p != "base_layer")
+            out[official_key(path)] = child
+    return out
+
+
+def is_unet(model: nn.Module) -> bool:
+    diffusers = sys.modules.get("diffusers")  # a model can only be a diffusers UNet if diffusers is loaded
+    return diffusers is not None and isinstance(model, diffusers.UNet2DConditionModel)
+
+
+class Membrane(nn.Module):
+    """One membrane on one layer: lora_down (in -> r), lora_up (r -> out), alpha (a 0-dim buffer)."""
+
+    def __init__(self, layer: nn.Module, rank: int, alpha: float):
+        super().__init__()
+        kw = dict(device=layer.weight.device, dtype=layer.weight.dtype)
+        if isinstance(layer, nn.Conv2d):
+            self.lora_down = nn.Conv2d(layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding, bias=False, **kw)
+            self.lora_up = nn.Conv2d(rank, layer.out_channels, 1, bias=False, **kw)
+        else:
+            self.lora_down = nn.Linear(layer.in_features, rank, bias=False, **kw)
+            self.lora_up = nn.Linear(rank, layer.out_features, bias=False, **kw)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.register_buffer("alpha", torch.tensor(float(alpha), **kw))
+        self.scale = float(alpha) / rank  # alpha / r as a Python float (no device sync in the forward)
+        self.register_load_state_dict_post_hook(_refresh_scale)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_down.weight.shape[0]
+
+    def refresh(self) -> None:
+        """Recompute `scale` after `alpha` was written (load_state_dict calls it)."""
+        if not self.alpha.is_meta:
+            self.scale = float(self.alpha) / self.rank
+
+
+def _refresh_scale(module: Membrane, incompatible_keys) -> None:
+    module.refresh()
+
+
+class _LayerHook:
+    """Forward hook of one host layer: adds the membranes' update to its output."""
+
+    def __init__(self, spm: "SPMModule", key: str):
+        self.spm, self.key = spm, key
+
+    def __call__(self, layer, args, output):
+        return self.spm.layer_output(layer, self.key, args[0], output)
+
+
+class _BatchHook:
+    """Forward pre-hook of the UNet: the strengths of this forward, one per membrane and sample."""
+
+    def __init__(self, spm: "SPMModule"):
+        self.spm = spm
+
+    def __call__(self, model, args, kwargs):
+        sample = args[0] if args else kwargs.get("sample")
+        self.spm.prepare(sample.shape[0], sample.device, sample.dtype)
+
+
+class SPMModule(nn.Module):
+    """``model.petl.spm``: the membranes, per-membrane weights, and the per-sample strengths."""
+
+    def __init__(self, config: SPMConfig, layers: dict[str, nn.Module]):
+        super().__init__()
+        self.config = config
+        self.layers = layers  # official key -> host layer (a plain dict: not submodules)
+        self.membranes = nn.ModuleDict()
+        self.weights: dict[str, float] = {}
+        self.enabled = True
+        self.inactive: set[str] = set()
+        self.strengths: dict[str, torch.Tensor] | None = None  # name -> (K,) per image, from transport
+        self._coef: tuple[tuple[str, ...], torch.Tensor] | None = None
+        self.handles = [layer.register_forward_hook(_LayerHook(self, key)) for key, layer in layers.items()]
+
+    def add(self, name: str, rank: int, alpha: float) -> None:
+        if name in self.membranes:
+            raise ValueError(f"spm: a membrane named {name!r} is already loaded (loaded: {list(self.membranes)})")
+        self.membranes[name] = nn.ModuleDict({key: Membrane(layer, rank, alpha) for key, layer in self.layers.items()})
+        self.weights[name] = 1.0
+
+    def active(self) -> tuple[str, ...]:
+        return tuple(n for n in self.membranes if n not in self.inactive) if self.enabled else ()
+
+    def prepare(self, batch: int, device, dtype) -> None:
+        """Strengths c (M, B or 1) of the active membranes for the next forward of `batch` samples."""
+        names = self.active()
+        static = [self.weights[n] for n in names]
+        if (self.strengths is None or not names) and all(w == 1.0 for w in static):
+            self._coef = names, None
+            return
+        weights = torch.tensor(static, device=device, dtype=dtype)[:, None]
+        if self.strengths is None:
+            self._coef = names, weights
+            return
+        rows = []
+        for name in names:
+            g = self.strengths.get(name)
+            if g is None:
+                rows.append(torch.ones(batch, device=device, dtype=dtype))
+                continue
+            if batch % g.numel():
+                raise ValueError(
+                    f"spm transport: the UNet got a batch of {batch} samples, but the prompts gave {g.numel()} per-image "
+                    "strengths (expected a multiple: classifier-free guidance doubles it)"
+                )
+            rows.append(g.to(device, dtype).repeat(batch // g.numel()))  # CFG batches are [uncond, cond]
+        self._coef = names, weights * torch.stack(rows)
+
+    def coefficients(self, batch: int, device, dtype) -> tuple[tuple[str, ...], torch.Tensor | None]:
+        """(names, strengths (M, B or 1) or None for all ones) of the current forward."""
+        if self._coef is None or self._coef[0] != self.active() or (self._coef[1] is not None and self._coef[1].shape[1] not in (1, batch)):
+            self.prepare(batch, device, dtype)
+        names, coef = self._coef
+        return names, None if coef is None else coef.to(device, dtype)
+
+    def layer_output(self, layer: nn.Module, key: str, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        names = self.active()
+        if not names:
+            return output
+        names, coef = self.coefficients(x.shape[0], x.device, x.dtype)
+        mems = [self.membranes[n][key] for n in names]
+        return membrane_delta(layer, x, output, mems, coef, self.config.official_transport)
+
+    def remove_hooks(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def membrane_delta(layer: nn.Module, x: torch.Tensor, output: torch.Tensor, mems: list[Membrane], coef: torch.Tensor | None,
+                   official: bool) -> torch.Tensor:
+    """`output` plus the membranes' update of `layer` for input x.
+
+    coef: (M, B or 1) strength per membrane and sample, or None for all ones. The update is added by
+    one fused addmm / baddbmm (in place when no gradient is recorded), so a membrane costs one extra
+    read of x and one of the output.
+    """
+    conv = isinstance(layer, nn.Conv2d)
+    ranks = [m.rank for m in mems]
+    down = torch.cat([m.lora_down.weight for m in mems]) if len(mems) > 1 else mems[0].lora_down.weight
+    up = torch.cat([m.lora_up.weight for m in mems], dim=1) if len(mems) > 1 else mems[0].lora_up.weight
+    scales = [m.scale for m in mems]
+    h = F.conv2d(x, down, None, layer.stride, layer.padding) if conv else F.linear(x, down)  # (B, R, ...) / (B, ..., R)
+    channel = 1 if conv else h.dim() - 1
+
+    def per_rank(c: torch.Tensor, reps) -> torch.Tensor:  # (M, B') -> broadcastable to h along the rank dim
+        if len(set(reps)) == 1:
+            c = c.repeat_interleave(reps[0], dim=0) if reps[0] > 1 else c
+        else:
+            c = c.repeat_interleave(torch.tensor(reps, device=c.device), dim=0)
+        shape = [c.shape[1]] + [1] * (h.dim() - 1)
+        shape[channel] = c.shape[0]
+        return c.T.reshape(shape)
+
+    def scaled(c: torch.Tensor | None) -> torch.Tensor | float | None:  # c * alpha / r
+        if all(v == 1.0 for v in scales):
+            return c
+        if len(mems) == 1:
+            return scales[0] if c is None else c * scales[0]
+        factors = torch.tensor(scales, device=h.device, dtype=h.dtype)[:, None]
+        return factors if c is None else c * factors
+
+    if not official:
+        c = scaled(coef)
+        if c is not None:
+            h = h * (c if isinstance(c, float) else per_rank(c, ranks))
+    else:  # (sum_m c_m D_m x), fed to every c_m (alpha_m / r) U_m
+        r = ranks[0]
+        if coef is not None:
+            h = sum(h.narrow(channel, i * r, r) * per_rank(coef[i:i + 1], [r]) for i in range(len(mems)))
+        elif len(mems) > 1:
+            h = sum(h.narrow(channel, i * r, r) for i in range(len(mems)))
+        h = torch.cat([h] * len(mems), dim=channel) if len(mems) > 1 else h
+        c = scaled(coef)
+        if c is not None:
+            h = h * (c if isinstance(c, float) else per_rank(c, ranks))
+    return _add_up(output, h, up, conv)
+
+
+def _add_up(output: torch.Tensor, h: torch.Tensor, up: torch.Tensor, conv: bool) -> torch.Tensor:
+    """output + up(h): Linear up (out, R) on (..., R); 1x1 Conv up (out, R, 1, 1) on (B, R, H, W)."""
+    inplace = not torch.is_grad_enabled()
+    if conv and not (up.shape[2:] == (1, 1) and output.is_contiguous() and h.is_contiguous()):
+        return output + F.conv2d(h, up)
+    up2 = up.flatten(1).to(output.dtype)
+    if conv:
+        b, c = output.shape[:2]
+        out3, h3 = output.view(b, c, -1), h.reshape(b, h.shape[1], -1).to(output.dtype)
+        if inplace:
+            out3.baddbmm_(up2.expand(b, *up2.shape), h3)
+            return output
+        return torch.baddbmm(out3, up2.expand(b, *up2.shape), h3).view_as(output)
+    out2, h2 = output.reshape(-1, output.shape[-1]), h.reshape(-1, h.shape[-1]).to(output.dtype)
+    if inplace and out2.data_ptr() == output.data_ptr() and output.is_contiguous():
+        out2.addmm_(h2, up2.T)
+        return output
+    return torch.addmm(out2, h2, up2.T).view_as(output)
+
+
+def spm_module(model: nn.Module) -> SPMModule:
+    """The SPMModule of `model` (also through a DDP / accelerate wrapper); ValueError when none."""
+    state = get_state(model)
+    if state is None and isinstance(getattr(model, "module", None), nn.Module):
+        state = get_state(model.module)
+    module = getattr(state, "spm", None)
+    if not isinstance(module, SPMModule):
+        raise ValueError(f"no SPM membrane is on this {type(model).__name__}; call pv.apply(unet, 'spm') or pv.diffusers.load_spm first")
+    return module
+
+
+def has_spm(model: nn.Module) -> bool:
+    state = get_state(model)
+    return state is not None and isinstance(getattr(state, "spm", None), SPMModule)
+
+
+@contextlib.contextmanager
+def membranes_disabled(model: nn.Module, names=None):
+    """Within the block the UNet runs without membranes (or without those named); restored after."""
+    spm = spm_module(model)
+    if names is None:
+        before, spm.enabled = spm.enabled, False
+        try:
+            yield model
+        finally:
+            spm.enabled = before
+        return
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in spm.membranes]
+    if unknown:
+        raise KeyError(f"spm: no membrane named {unknown}; loaded: {list(spm.membranes)}")
+    added = set(names) - spm.inactive
+    spm.inactive |= added
+    try:
+        yield model
+    finally:
+        spm.inactive -= added
+
+
+@register_method
+class SPM(Method):
+    name = "spm"
+    config_class = SPMConfig
+    mergeable = True
+    input_kind = "latents"
+
+    @classmethod
+    def check_host(cls, model: nn.Module) -> None:
+        if not is_unet(model):
+            raise UnsupportedHostError(
+                f"method 'spm' needs a diffusers UNet2DConditionModel (Stable Diffusion 1.x / 2.x / XL); got {type(model).__name__}"
+            )
+        if not target_layers(model):
+            raise UnsupportedHostError("method 'spm' found no nn.Linear / nn.Conv2d inside a Transformer2DModel of this UNet")
+
+    @classmethod
+    def attach(cls, model: nn.Module, config: SPMConfig) -> None:
+        spm = SPMModule(config, target_layers(model))
+        for name in config.membranes:
+            spm.add(name, config.rank, config.alpha)
+        get_state(model).add_module("spm", spm)
+        spm.handles.append(model.register_forward_pre_hook(_BatchHook(spm), with_kwargs=True))
+
+    @classmethod
+    @torch.no_grad()
+    def merge(cls, model: nn.Module, config: SPMConfig) -> None:
+        spm = spm_module(model)
+        names = tuple(spm.membranes)
+        coef = torch.tensor([spm.weights[n] for n in names])[:, None]
+        for key, layer in spm.layers.items():
+            mems = [spm.membranes[n][key] for n in names]
+            layer.weight += merged_delta(layer, mems, coef.to(layer.weight), config.official_transport)
+        _remove(model)
+
+
+def merged_delta(layer: nn.Module, mems: list[Membrane], coef: torch.Tensor, official: bool) -> torch.Tensor:
+    """The weight update (layer.weight's shape) equal to the static membranes (strengths coef (M, 1))."""
+    downs = [m.lora_down.weight.flatten(1) for m in mems]  # (r, in * kh * kw)
+    ups = [m.lora_up.weight.flatten(1) * (m.alpha / m.rank) for m in mems]  # (out, r)
+    if official:
+        delta = sum(c * u for c, u in zip(coef[:, 0], ups)) @ sum(c * d for c, d in zip(coef[:, 0], downs))
+    else:
+        delta = sum(c * u @ d for c, u, d in zip(coef[:, 0], ups, downs))
+    return delta.reshape(layer.weight.shape)
+
+
+def _remove(model: nn.Module) -> None:
+    spm = spm_module(model)
+    spm.remove_hooks()
+    delattr(get_state(model), "spm")
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove SPM from `model` (hooks, membranes); the host runs exactly as before. Other methods stay."""
+    state = get_state(model)
+    _remove(model)
+    state.applied = [a for a in state.applied if a.name != "spm"]
+    if not state.applied:
+        remove_state(model)
+    else:
+        state.refresh_frozen(model)
+    return model
