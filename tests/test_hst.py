@@ -220,3 +220,28 @@ def test_vit_b_count():
     side = side_count((32, 48, 64, 72), [3, 3, 3, 3], 768)
     assert side == 718_760
     assert pv.summary(model).trainable == meta_tokens + side + head + block_norms == 772_140
+
+
+def test_hst_on_the_open_clip_visual_tower():
+    """HST runs on a CLIP classifier through the open_clip host: logits, pyramid, gradients."""
+    import copy
+
+    from open_clip.model import CLIP
+    from test_clip import CLASSES, TINY_CFG, images
+
+    from petl_vision.clip import CLIPClassifier
+
+    cfg = copy.deepcopy(TINY_CFG)
+    cfg["vision_cfg"]["layers"] = 4
+    torch.manual_seed(0)
+    clf = CLIPClassifier(CLIP(**cfg).eval(), CLASSES)
+    pv.apply(clf, "hst", widths=(8, 8, 8, 8), num_heads=(1, 1, 1, 1), num_classes=3)
+    x = images()
+    logits = clf(x)
+    assert logits.shape == (2, 3)
+    logits.square().sum().backward()
+    for name, p in clf.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, name
+    assert any("ln_1" in n for n, p in clf.named_parameters() if p.requires_grad)  # block norms train
+    pyramid = feature_pyramid(clf, x)
+    assert [tuple(f.shape) for f in pyramid] == [(2, 8, 8, 8), (2, 8, 4, 4), (2, 8, 2, 2), (2, 8, 1, 1)]

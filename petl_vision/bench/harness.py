@@ -129,7 +129,7 @@ def resolve_methods(workload: Workload, requested: list[str] | None) -> list[str
         raise ValueError(f"methods listed twice: {duplicates}")
     for name in requested:
         method = pv.get_method(name)
-        if method.input_kind != workload.input_kind:
+        if not workload.feeds(method):
             raise UnsupportedHostError(
                 f"method {name!r} takes {method.input_kind!r} inputs; workload {workload.name!r} feeds {workload.input_kind!r}"
             )

@@ -48,6 +48,10 @@ class DiffusersUNet(Workload):
     # (LoRA: pass lora.train_head=false).
     input_kind = "image"
 
+    def feeds(self, method) -> bool:
+        """Module-level methods ("image") and UNet methods such as SPM ("latents")."""
+        return method.input_kind in ("image", "latents")
+
     def config(self) -> dict:
         if self.model not in PRESETS:
             raise ValueError(f"diffusers-unet: unknown preset {self.model!r}; presets: {', '.join(PRESETS)}")

@@ -67,9 +67,13 @@ class Workload:
         """One inference forward pass (called under torch.inference_mode)."""
         raise NotImplementedError
 
+    def feeds(self, method: type[Method]) -> bool:
+        """Whether this workload's inputs are what `method`'s adapted model takes."""
+        return method.input_kind == self.input_kind
+
     def accepts(self, method: type[Method], model: nn.Module) -> bool:
         """Whether `method` is benchmarked by default on `model` (a meta-device build)."""
-        return method.input_kind == self.input_kind and method.supports(model)
+        return self.feeds(method) and method.supports(model)
 
 
 def register_workload(cls: type[Workload]) -> type[Workload]:
