@@ -12,39 +12,15 @@ parsed as YAML.
 """
 from __future__ import annotations
 
-import argparse
-
 from petl_vision.data import DataError
+from petl_vision.train.cli import parse_training_args, training_parser
 from petl_vision.train.clip import load_clip_config, train_clip
 from petl_vision.train.config import ConfigError
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config (see configs/clip_fewshot_*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.shots=4")
-    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
-                        help="resume from DIR (a checkpoint or output dir); alone: the latest checkpoint of output_dir")
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="overrides mixed_precision")
-    parser.add_argument("--merge", action="store_true", help="also save <output_dir>/merged.safetensors when mergeable")
-    parser.add_argument("--output-dir", help="overrides output_dir")
-    args = parser.parse_args(argv)
-    if isinstance(args.resume, str) and "=" in args.resume:  # `--resume key=value`: an override, not a DIR
-        args.overrides.insert(0, args.resume)
-        args.resume = True
-    return args
-
-
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    extra = list(args.overrides)
-    if args.mixed_precision:
-        extra.append(f"mixed_precision={args.mixed_precision}")
-    if args.merge:
-        extra.append("merge=true")
-    if args.output_dir:
-        extra.append(f"output_dir={args.output_dir}")
-    result = train_clip(load_clip_config(args.config, extra), resume=args.resume)
+    args, overrides = parse_training_args(training_parser(__doc__, "YAML config (see configs/clip_fewshot_*.yaml)"), argv)
+    result = train_clip(load_clip_config(args.config, overrides), resume=args.resume)
     print(f"done: zero-shot top1 {result['zero_shot']['top1']:.2f}, tuned top1 {result['metrics']['top1']:.2f}; "
           f"adapter: {result['adapter_dir']}; merged: {result['merged_path']}")
     return result

@@ -138,7 +138,6 @@ def test_cosine_warmup_schedule():
 
 
 def test_demo_variants_and_cli(tmp_path):
-    import importlib.util
 
     from petl_vision.train.demo import DEMO_CONFIG, VARIANTS, format_table
 
@@ -151,10 +150,12 @@ def test_demo_variants_and_cli(tmp_path):
     table = format_table([{"name": "ssf, pretrained", "trainable": 10, "total": 1000, "top1": 91.5, "seconds": 3.0}])
     assert "91.50%" in table and "1.00%" in table
 
-    spec = importlib.util.spec_from_file_location("train_classifier", DEMO_CONFIG.parents[1] / "scripts" / "train_classifier.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    args = script.parse_args(["--config", "c.yaml", "--resume", "epochs=3", "optim.lr=0.1"])
-    assert args.resume is True and args.overrides == ["epochs=3", "optim.lr=0.1"]
-    args = script.parse_args(["--config", "c.yaml", "--resume", "runs/x", "--merge"])
-    assert args.resume == "runs/x" and args.merge
+    from petl_vision.train.cli import parse_training_args, training_parser
+
+    parser = training_parser("test", "config")
+    args, overrides = parse_training_args(parser, ["--config", "c.yaml", "--resume", "epochs=3", "optim.lr=0.1"])
+    assert args.resume is True and overrides == ["epochs=3", "optim.lr=0.1"]
+    args, overrides = parse_training_args(parser, ["--config", "c.yaml", "--resume", "runs/x", "--merge", "--output-dir", "o", "--no-progress"])
+    assert args.resume == "runs/x" and overrides == ["merge=true", "progress=false", "output_dir=o"]
+    _, overrides = parse_training_args(parser, ["--config", "c.yaml", "--mixed-precision", "bf16", "--output-dir", "o"], output_dir=False)
+    assert overrides == ["mixed_precision=bf16"]
