@@ -1,5 +1,4 @@
 """Every registered method x every tiny host: apply, gradients, save/load, merge."""
-import copy
 
 import pytest
 import torch

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from timm.models.vision_transformer import VisionTransformer
 
 DEMO_VIT_KWARGS = dict(

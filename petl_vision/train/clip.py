@@ -38,9 +38,8 @@ from petl_vision.clip.zero_shot import resolve_templates
 from petl_vision.data.build import _image_folders
 from petl_vision.methods import mask_tuning
 
-from .config import ConfigError, TrainConfig, _build, apply_override, from_dict, merge_dicts, to_dict
+from .config import ConfigError, TrainConfig, _build, apply_override, from_dict, merge_dicts, read_yaml, to_dict
 from .optim import build_optimizer, build_scheduler
-from .pointcloud import _read
 from .tracking import MetricsLog
 from .trainer import TrainState, evaluate, find_checkpoint, save_checkpoint, save_merged
 
@@ -77,7 +76,7 @@ class CLIPTrainConfig:
 def load_clip_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> CLIPTrainConfig:
     """CLIPTrainConfig from a YAML file plus `key=value` overrides (`data.shots=4`, `optim.lr=1e-4`)."""
     source = str(path) if path is not None else "config"
-    raw = _read(path) if path is not None else {}
+    raw = read_yaml(path, train_keys=False) if path is not None else {}
     for item in overrides:
         key, _, text = item.partition("=")
         section = key.split(".", 1)[0]

@@ -102,26 +102,38 @@ def valid_keys() -> list[str]:
 # ----------------------------------------------------------------------------- raw dict stage
 
 
-def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
-    """Read a config file into a nested dict, resolving `base:` (relative to the file; child wins)."""
-    path = Path(path).resolve()
-    if path in _seen:
-        raise ConfigError(f"circular `base:` chain: {' -> '.join(map(str, _seen + (path,)))}")
+def read_mapping(path: str | Path) -> dict:
+    """The top-level mapping of a YAML file (yaml.safe_load); ConfigError naming the file otherwise."""
+    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(raw).__name__}")
-    check_keys(raw, str(path))
-    if isinstance(raw.get("method"), str):  # `method: ssf` is short for `method: {name: ssf}`
-        raw["method"] = {"name": raw["method"]}
+    return raw
+
+
+def read_yaml(path: str | Path, train_keys: bool = True, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a config file into a nested dict, resolving `base:` (relative to the file; child wins).
+
+    train_keys: check every key against TrainConfig and expand `method: ssf`; off for trainers whose
+    configs have sections of their own (they check the merged dict themselves).
+    """
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"circular `base:` chain: {' -> '.join(map(str, _seen + (path,)))}")
+    raw = read_mapping(path)
+    if train_keys:
+        check_keys(raw, str(path))
+        if isinstance(raw.get("method"), str):  # `method: ssf` is short for `method: {name: ssf}`
+            raw["method"] = {"name": raw["method"]}
     base = raw.pop("base", None)
     if base is None:
         return raw
     bases = [base] if isinstance(base, str) else list(base)
     merged: dict = {}
     for b in bases:
-        merged = merge_dicts(merged, read_yaml(path.parent / b, _seen + (path,)))
+        merged = merge_dicts(merged, read_yaml(path.parent / b, train_keys, _seen + (path,)))
     return merge_dicts(merged, raw)
 
 

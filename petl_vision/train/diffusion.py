@@ -29,7 +29,7 @@ import petl_vision as pv
 from petl_vision.data.captions import CaptionedImageFolder, image_transform
 from petl_vision.methods import sara
 
-from .config import ConfigError, MethodSection, _coerce, merge_dicts
+from .config import ConfigError, MethodSection, _coerce, merge_dicts, read_mapping
 from .trainer import TrainState
 
 METHODS = ("sara", "lora", "full")
@@ -82,13 +82,7 @@ class DiffusionConfig:
 
 def load_diffusion_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DiffusionConfig:
     """DiffusionConfig from a YAML file (or the defaults) plus `dotted.key=value` overrides."""
-    raw: dict = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file not found: {path}")
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+    raw = read_mapping(path) if path is not None else {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:

@@ -38,7 +38,7 @@ import yaml
 import petl_vision as pv
 from petl_vision.methods.spm import membranes_disabled
 
-from .config import ConfigError, _coerce
+from .config import ConfigError, _coerce, read_mapping
 from .diffusion import latest_checkpoint, save_checkpoint
 from .trainer import TrainState
 
@@ -100,13 +100,7 @@ class EraseConfig:
 
 def load_erase_config(path: str | Path | None = None, overrides=()) -> EraseConfig:
     """EraseConfig from a YAML file (or the defaults) plus `key=value` overrides (values are YAML)."""
-    raw: dict = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file not found: {path}")
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+    raw = read_mapping(path) if path is not None else {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 import petl_vision as pv
 from petl_vision.data.pointcloud import AUGMENTATIONS, build_point_datasets
 
-from .config import ConfigError, TrainConfig, _build, apply_override, from_dict, merge_dicts, to_dict
+from .config import ConfigError, TrainConfig, _build, apply_override, from_dict, merge_dicts, read_yaml, to_dict
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
 from .tracking import MetricsLog
@@ -59,25 +59,10 @@ class PointTrainConfig:
     data: PointDataConfig
 
 
-def _read(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
-    """A YAML config with its `base:` chain resolved (relative to the file; child wins)."""
-    path = Path(path).resolve()
-    if path in seen or not path.is_file():
-        raise ConfigError(f"circular `base:` chain at {path}" if path in seen else f"config file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(raw).__name__}")
-    bases = raw.pop("base", None) or []
-    merged: dict = {}
-    for base in [bases] if isinstance(bases, str) else bases:
-        merged = merge_dicts(merged, _read(path.parent / base, seen + (path,)))
-    return merge_dicts(merged, raw)
-
-
 def load_point_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PointTrainConfig:
     """PointTrainConfig from a YAML file plus `key=value` overrides (`data.num_points=256`, `optim.lr=1e-3`)."""
     source = str(path) if path is not None else "config"
-    raw = _read(path) if path is not None else {}
+    raw = read_yaml(path, train_keys=False) if path is not None else {}
     for item in overrides:
         key, _, text = item.partition("=")
         if key.startswith("data.") and "=" in item:
