@@ -155,3 +155,35 @@ def test_script_arguments():
     assert script.parse_args([]).methods is None
     with pytest.raises(SystemExit):
         script.parse_args(["--model-kwargs", "[1]"])
+
+
+def test_merged_and_unmerged_inference_are_timed_in_turns():
+    from petl_vision.bench.worker import _timed_alternately
+
+    calls = []
+    (times_a, out_a), (times_b, out_b) = _timed_alternately(
+        lambda: calls.append("a") or len(calls), lambda: calls.append("b") or len(calls), 1, 3, torch.device("cpu"))
+    assert calls == ["a", "b"] * 4
+    assert len(times_a) == len(times_b) == 3
+    assert (out_a, out_b) == (7, 8)
+
+
+def test_merged_copy_leaves_the_timed_model_adapted():
+    from petl_vision.bench.worker import _merged_copy
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.norm = torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)
+
+        def forward(self, x):
+            return self.norm(self.fc(x))
+
+    model = Net()
+    pv.apply(model, pv.SSFConfig(train_head=False))
+    for p in model.petl.parameters():
+        torch.nn.init.normal_(p)
+    merged = _merged_copy(model)
+    x = torch.randn(3, 4)
+    assert not hasattr(merged, "petl") and hasattr(model, "petl")
+    torch.testing.assert_close(merged(x), model(x))

@@ -36,6 +36,14 @@ def test_unsupported_host_names_supported_families():
         pv.apply(make_host("resnet"), "vpt")
 
 
+def test_container_hosts_are_refused_untouched():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    with pytest.raises(pv.UnsupportedHostError, match="Sequential runs .*every child.*wrap it"):
+        pv.apply(model, "bitfit")
+    assert not hasattr(model, "petl") and all(p.requires_grad for p in model.parameters())
+    assert model(torch.randn(2, 4)).shape == (2, 4)
+
+
 def test_summary_is_printable_with_attributes():
     s = pv.summary(pv.apply(make_host("vit"), "ssf"))
     assert s.trainable == s.by_method["ssf"] and s.total > s.trainable

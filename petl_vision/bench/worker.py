@@ -8,6 +8,7 @@ A spec is a JSON-able dict: workload, model, model_kwargs, num_classes, method, 
 """
 from __future__ import annotations
 
+import copy
 import gc
 import importlib
 import json
@@ -68,6 +69,27 @@ def _timed(fn, warmup: int, repeats: int, device: torch.device) -> tuple[list[fl
     return times, out
 
 
+def _timed_alternately(fn_a, fn_b, warmup: int, repeats: int, device: torch.device):
+    """`_timed` for two functions run in turns (a, b, a, b, ...), so a change of machine load
+    during the measurement hits both alike; ((times_a, last_a), (times_b, last_b))."""
+    times_a, times_b, out_a, out_b = [], [], None, None
+    for _ in range(warmup + repeats):
+        ta, out_a = _timed(fn_a, 0, 1, device)
+        tb, out_b = _timed(fn_b, 0, 1, device)
+        times_a += ta
+        times_b += tb
+    return (times_a[warmup:], out_a), (times_b[warmup:], out_b)
+
+
+def _merged_copy(model):
+    """A merged deep copy of `model` (for timing merged against unmerged), or None if it can't be copied."""
+    try:
+        merged = copy.deepcopy(model)
+    except Exception:  # noqa: BLE001  (e.g. a host holding a non-copyable handle: fall back to merging in place)
+        return None
+    return pv.merge(merged)
+
+
 def _ms(seconds: list[float]) -> float:
     return 1000.0 * statistics.median(seconds)
 
@@ -107,9 +129,9 @@ def measure(spec: dict) -> dict:
         scaler.update()
         return loss.detach()
 
-    def infer():
+    def infer(m):
         with torch.inference_mode(), torch.autocast(**autocast):
-            return workload.infer(model, batch)
+            return workload.infer(m, batch)
 
     gc.collect()
     if device.type == "cuda":
@@ -121,14 +143,20 @@ def measure(spec: dict) -> dict:
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
 
     model.eval()
-    infer_times, out = _timed(infer, spec["warmup"], spec["steps"], device)
     mergeable = pv.can_merge(model)
-    merged_times, diff = None, None
-    if mergeable:
-        pv.merge(model)
-        merged_times, merged_out = _timed(infer, spec["warmup"], spec["steps"], device)
-        if isinstance(out, torch.Tensor) and isinstance(merged_out, torch.Tensor):
-            diff = (out.float() - merged_out.float()).abs().max().item()
+    merged = _merged_copy(model) if mergeable else None
+    if merged is None:
+        infer_times, out = _timed(lambda: infer(model), spec["warmup"], spec["steps"], device)
+        merged_times, merged_out = None, None
+        if mergeable:  # no copy possible: merge in place and time after
+            pv.merge(model)
+            merged_times, merged_out = _timed(lambda: infer(model), spec["warmup"], spec["steps"], device)
+    else:
+        (infer_times, out), (merged_times, merged_out) = _timed_alternately(
+            lambda: infer(model), lambda: infer(merged), spec["warmup"], spec["steps"], device)
+    diff = None
+    if isinstance(out, torch.Tensor) and isinstance(merged_out, torch.Tensor):
+        diff = (out.float() - merged_out.float()).abs().max().item()
 
     return {
         "method": config.name,

@@ -27,6 +27,9 @@ def apply(model: nn.Module, method: str | MethodConfig, **overrides) -> nn.Modul
     return _apply(model, make_config(method, **overrides))
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
 def _apply(model: nn.Module, config: MethodConfig, saved: dict | None = None) -> nn.Module:
     """`apply` with a config; with `saved` adapter tensors (from load_adapter) uses `attach_saved`."""
     method_cls = get_method(config.name)
@@ -36,6 +39,11 @@ def _apply(model: nn.Module, config: MethodConfig, saved: dict | None = None) ->
     if state is None and hasattr(model, STATE_NAME):
         raise UnsupportedHostError(f"{type(model).__name__} already has an attribute {STATE_NAME!r}; petl_vision needs that name")
     method_cls.check_host(model)
+    if state is None and isinstance(model, _CONTAINERS):
+        raise UnsupportedHostError(
+            f"{type(model).__name__} runs (or holds) every child module, so petl_vision cannot register its state on it; "
+            "wrap it in an nn.Module whose forward calls it"
+        )
 
     created = state is None
     if created:

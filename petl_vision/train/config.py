@@ -171,23 +171,80 @@ def check_keys(raw: dict, source: str) -> None:
             raise ConfigError(f"{source}: 'method' must be a mapping (name: ..., fields...) or a name, got {value!r}")
 
 
+OVERRIDE_FORM = "key=value with a dotted key and a YAML value, e.g. optim.lr=0.01, method.name=vpt or surrogate='a dog'"
+
+
+def parse_override(item: str, empty: Any = None) -> tuple[list[str], Any]:
+    """`a.b=3` -> (["a", "b"], 3): the dotted key and the value read with yaml.safe_load.
+
+    `key=` (nothing after `=`) gives `empty`. ConfigError naming `item` and the accepted form for a
+    missing `=`, an empty key part or a value YAML cannot read.
+    """
+    key, sep, text = item.partition("=")
+    path = [part.strip() for part in key.split(".")]
+    if not sep or not all(path):
+        raise ConfigError(f"override {item!r}: expected {OVERRIDE_FORM}")
+    if not text.strip():
+        return path, empty
+    try:
+        return path, yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); "
+                          f"expected {OVERRIDE_FORM}") from None
+
+
+def format_override(key: str, value: Any) -> str:
+    """The `key=value` text that parse_override reads back as `value` (strings quoted only when YAML needs it)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), allow_unicode=True)
+    text = text.removesuffix("...\n").strip()  # a plain scalar ends its YAML document with "..."
+    return f"{key}={text}"
+
+
+def nested(path: list[str], value: Any) -> dict:
+    """A parsed override as a dict to merge into a raw config: (["a", "b"], 3) -> {"a": {"b": 3}}.
+
+    `method=vpt` is short for `method.name=vpt`.
+    """
+    if path == ["method"] and isinstance(value, str):
+        value = {"name": value}
+    for part in reversed(path[1:]):
+        value = {part: value}
+    return {path[0]: value}
+
+
+def check_override(item: str, path: list[str], keys, sections=()) -> None:
+    """ConfigError naming `item` unless `path[0]` is one of `keys`; only `sections` take dotted sub-keys."""
+    if path[0] not in keys:
+        raise ConfigError(f"override {item!r}: unknown key {path[0]!r}; valid keys: {', '.join(keys)}")
+    if len(path) > 1 and path[0] not in sections:
+        accepted = f"only {', '.join(s + '.<field>' for s in sections)} take" if sections else "no key takes"
+        raise ConfigError(f"override {item!r}: {path[0]!r} has no sub-keys ({accepted} a dotted key)")
+
+
 def apply_override(raw: dict, item: str) -> dict:
-    """Apply one `dotted.key=value` override (value parsed with yaml.safe_load) to a raw dict."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=0.01")
-    key, text = item.split("=", 1)
-    parts = key.strip().split(".")
-    value = yaml.safe_load(text) if text.strip() else None
-    nested: Any = value
-    for part in reversed(parts[1:]):
-        nested = {part: nested}
-    patch = {parts[0]: nested}
-    if parts[0] == "method" and len(parts) == 1 and isinstance(value, str):
-        patch = {"method": {"name": value}}
-    check_keys(patch, f"override {item!r}")
-    if parts[0] in SECTIONS and len(parts) > 2:
-        raise ConfigError(f"override {item!r}: '{'.'.join(parts[:2])}' is not a section; valid keys: {', '.join(valid_keys())}")
+    """`raw` with one TrainConfig override `dotted.key=value` merged in (see parse_override).
+
+    ConfigError naming the override for an unknown key or a value of the wrong type.
+    """
+    path, value = parse_override(item)
+    patch = nested(path, value)
+    source = f"override {item!r}"
+    check_keys(patch, source)
+    if path[0] in SECTIONS and len(path) > 2:
+        raise ConfigError(f"{source}: '{'.'.join(path[:2])}' is not a section; valid keys: {', '.join(valid_keys())}")
+    tp = _override_type(path)
+    if tp is not None:
+        coerce(value, tp, source, ".".join(path))
     return merge_dicts(raw, patch)
+
+
+def _override_type(path: list[str]):
+    """The type TrainConfig expects at `path`; None for a whole section, a method field or inside a dict field."""
+    if path[0] == "method":
+        return str if path[1:] == ["name"] else None
+    if path[0] in SECTIONS:
+        return _hints(SECTIONS[path[0]])[path[1]] if len(path) == 2 else None
+    return _hints(TrainConfig)[path[0]] if len(path) == 1 else None
 
 
 # ----------------------------------------------------------------------------- typed stage
@@ -206,11 +263,11 @@ def from_dict(raw: dict, source: str = "config") -> TrainConfig:
         if f.name == "method":
             method = {"name": value} if isinstance(value, str) else dict(value)
             name = method.pop("name", MethodSection.name)
-            kwargs["method"] = MethodSection(name=_coerce(name, str, source, "method.name"), overrides=method)
+            kwargs["method"] = MethodSection(name=coerce(name, str, source, "method.name"), overrides=method)
         elif f.name in SECTIONS:
             kwargs[f.name] = _build(SECTIONS[f.name], value, source, f.name + ".")
         else:
-            kwargs[f.name] = _coerce(value, _hints(TrainConfig)[f.name], source, f.name)
+            kwargs[f.name] = coerce(value, _hints(TrainConfig)[f.name], source, f.name)
     cfg = TrainConfig(**kwargs)
     validate(cfg, source)
     return cfg
@@ -271,17 +328,17 @@ def _hints(cls) -> dict:
 
 def _build(cls, values: dict, source: str, prefix: str):
     hints = _hints(cls)
-    return cls(**{k: _coerce(v, hints[k], source, prefix + k) for k, v in values.items()})
+    return cls(**{k: coerce(v, hints[k], source, prefix + k) for k, v in values.items()})
 
 
-def _coerce(value, tp, source: str, key: str):
-    """Check / convert `value` to type `tp` (handles PyYAML reading `5e-3` as a string)."""
+def coerce(value, tp, source: str, key: str):
+    """`value` checked / converted to type `tp` (PyYAML reads `5e-3` as a string); ConfigError naming `source` and `key`."""
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], source, key)
+        return coerce(value, inner[0], source, key)
     origin = typing.get_origin(tp) or tp
     try:
         if origin is bool:
@@ -302,3 +359,5 @@ def _coerce(value, tp, source: str, key: str):
         pass
     expected = getattr(origin, "__name__", str(origin))
     raise ConfigError(f"{source}: {key} must be {expected}, got {value!r}")
+
+

@@ -29,7 +29,7 @@ import petl_vision as pv
 from petl_vision.data.captions import CaptionedImageFolder, image_transform
 from petl_vision.methods import sara
 
-from .config import ConfigError, MethodSection, _coerce, merge_dicts, read_mapping
+from .config import ConfigError, MethodSection, check_override, coerce, merge_dicts, nested, parse_override, read_mapping
 from .trainer import TrainState
 
 METHODS = ("sara", "lora", "full")
@@ -81,19 +81,15 @@ class DiffusionConfig:
 
 
 def load_diffusion_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DiffusionConfig:
-    """DiffusionConfig from a YAML file (or the defaults) plus `dotted.key=value` overrides."""
+    """DiffusionConfig from a YAML file (or the defaults) plus `dotted.key=value` overrides (see config.parse_override)."""
     raw = read_mapping(path) if path is not None else {}
+    keys = typing.get_type_hints(DiffusionConfig)
     for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. max_steps=100")
-        value = yaml.safe_load(text) if text.strip() else None
-        parts = key.strip().split(".")
-        if parts[0] == "method" and len(parts) == 1:
-            value = {"name": value} if isinstance(value, str) else value
-        for part in reversed(parts[1:]):
-            value = {part: value}
-        raw = merge_dicts(raw, {parts[0]: value})
+        parts, value = parse_override(item)
+        check_override(item, parts, keys, sections=("method",))
+        if parts[0] != "method":  # method fields are checked by pv.make_config in from_dict
+            coerce(value, keys[parts[0]], f"override {item!r}", parts[0])
+        raw = merge_dicts(raw, nested(parts, value))
     return from_dict(raw, str(path or "config"))
 
 
@@ -107,7 +103,7 @@ def from_dict(raw: dict, source: str = "config") -> DiffusionConfig:
             method = {"name": value} if isinstance(value, str) else dict(value or {})
             kwargs["method"] = MethodSection(name=method.pop("name", "sara"), overrides=method)
         else:
-            kwargs[key] = _coerce(value, hints[key], source, key)
+            kwargs[key] = coerce(value, hints[key], source, key)
     cfg = DiffusionConfig(**kwargs)
     if cfg.method.name not in METHODS:
         raise ConfigError(f"{source}: method.name must be one of {METHODS}, got {cfg.method.name!r}")

@@ -38,7 +38,7 @@ import yaml
 import petl_vision as pv
 from petl_vision.methods.spm import membranes_disabled
 
-from .config import ConfigError, _coerce, read_mapping
+from .config import ConfigError, check_override, coerce, parse_override, read_mapping
 from .diffusion import latest_checkpoint, save_checkpoint
 from .trainer import TrainState
 
@@ -99,21 +99,21 @@ class EraseConfig:
 
 
 def load_erase_config(path: str | Path | None = None, overrides=()) -> EraseConfig:
-    """EraseConfig from a YAML file (or the defaults) plus `key=value` overrides (values are YAML)."""
-    raw = read_mapping(path) if path is not None else {}
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. max_steps=100")
-        raw[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+    """EraseConfig from a YAML file (or the defaults) plus `key=value` overrides (see config.parse_override).
+
+    `key=` sets an empty string; a number given for a string field (concept=1984) is read as its text.
+    """
     source = str(path or "config")
     hints = typing.get_type_hints(EraseConfig)
+    raw = read_mapping(path) if path is not None else {}
     unknown = [k for k in raw if k not in hints]
     if unknown:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}; valid keys: {', '.join(hints)}")
-    kwargs = {k: str(v) if hints[k] in (str, str | None) and isinstance(v, (int, float)) and not isinstance(v, bool) else v
-              for k, v in raw.items()}
-    cfg = EraseConfig(**{k: _coerce(v, hints[k], source, k) for k, v in kwargs.items()})
+    for item in overrides:
+        keys, value = parse_override(item, empty="")
+        check_override(item, keys, hints)
+        raw[keys[0]] = _field(value, hints[keys[0]], f"override {item!r}", keys[0])
+    cfg = EraseConfig(**{k: _field(v, hints[k], source, k) for k, v in raw.items()})
     if not cfg.concept.strip():
         raise ConfigError(f"{source}: concept is empty; pass --concept \"snoopy\" (the prompt to erase)")
     for key in ("max_steps", "batch_size", "max_denoising_steps", "checkpoint_every", "keep_checkpoints", "rank", "resolution"):
@@ -128,6 +128,13 @@ def load_erase_config(path: str | Path | None = None, overrides=()) -> EraseConf
     if cfg.mixed_precision not in (None, "no", "fp16", "bf16"):
         raise ConfigError(f"{source}: mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
     return cfg
+
+
+def _field(value, tp, source: str, key: str):
+    """`value` coerced to the field type `tp`; a number for a string field becomes its text."""
+    if tp in (str, str | None) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    return coerce(value, tp, source, key)
 
 
 def load_parts(cfg: EraseConfig) -> dict:
