@@ -359,5 +359,3 @@ def coerce(value, tp, source: str, key: str):
         pass
     expected = getattr(origin, "__name__", str(origin))
     raise ConfigError(f"{source}: {key} must be {expected}, got {value!r}")
-
-
