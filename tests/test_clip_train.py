@@ -118,3 +118,31 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed["history"][0]["train_loss"] == full["history"][1]["train_loss"]
     for (name, a), (_, b) in zip(mt.masks(full["model"]), mt.masks(resumed["model"])):
         assert torch.equal(a.score, b.score), name
+
+
+def test_method_hooks_run_in_the_clip_trainer(tmp_path):
+    """Mask tuning's terms come from its training hooks: gradient dropout with lambda 0 trains like no
+    dropout, lambda 1 differently; masked_fraction is logged per epoch; the zero-shot baseline is the
+    model before any method, whatever the method."""
+    import petl_vision.methods.mask_tuning as mt
+    from petl_vision.train.clip import train_clip
+
+    make_folder(tmp_path / "data", {"train": 3, "val": 1})
+    arch = tmp_path / "petl-tiny-clip-d.json"
+    arch.write_text(json.dumps(TINY_CFG))
+    base = [f"model={arch.stem}", "pretrained=false", f"clip.model_config={arch}", f"data.root={tmp_path / 'data'}",
+            "data.shots=2", "data.templates=default", "epochs=2", "batch_size=3", "optim.lr=1e-2"]
+    config = ROOT / "configs" / "clip_fewshot_oxford_pets.yaml"
+
+    def run(name, *extra):
+        return train_clip(load_clip_config(config, base + [f"output_dir={tmp_path / name}", *extra]))
+
+    runs = {name: run(name, *extra) for name, extra in {
+        "plain": ["method.grad_dropout=false"], "lam0": ["method.grad_dropout_lambda=0.0"],
+        "lam1": ["method.grad_dropout_lambda=1.0"], "ssf": ["method=ssf"]}.items()}
+    scores = {name: torch.cat([m.score.detach().flatten() for _, m in mt.masks(r["model"])]) for name, r in runs.items() if name != "ssf"}
+    assert torch.equal(scores["lam0"], scores["plain"]) and not torch.equal(scores["lam1"], scores["plain"])
+    logged = [json.loads(line) for line in (tmp_path / "lam1" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["masked_fraction"] for r in logged][-1] == runs["lam1"]["masked_fraction"] == mt.masked_fraction(runs["lam1"]["model"])
+    assert "masked_fraction" not in runs["ssf"]["metrics"] and runs["ssf"]["masked_fraction"] is None
+    assert len({json.dumps(r["zero_shot"], sort_keys=True) for r in runs.values()}) == 1

@@ -1,4 +1,5 @@
 """HST: pyramid shapes, meta-token layout, trainable set, gradients, save/load, ViT-B count."""
+import json
 import math
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from conftest import make_host
 
 import petl_vision as pv
-from petl_vision.methods.hst import STRIDES, AffineFreeBatchNorm, feature_pyramid, stage_groups
+from petl_vision.methods.hst import STRIDES, feature_pyramid, stage_groups
 from petl_vision.models.point_mae import PointTransformer
 from petl_vision.train.config import load_config
 
@@ -143,16 +144,31 @@ def test_save_load_round_trip(tmp_path):
         pv.merge(model)
 
 
-def test_affine_free_batchnorm_matches_torch():
-    ours, ref = AffineFreeBatchNorm(6), torch.nn.BatchNorm1d(6, affine=False, eps=1e-6)
-    assert list(ours.state_dict()) == list(ref.state_dict())
-    for seed in range(3):
-        x = images((1, 2), batch=4, seed=seed).flatten(1)
-        torch.testing.assert_close(ours(x), ref(x))
-    ours.eval(), ref.eval()
-    torch.testing.assert_close(ours(x), ref(x))
-    for k, v in ref.state_dict().items():
-        torch.testing.assert_close(ours.state_dict()[k], v)
+def test_head_batchnorm_follows_the_model_mode(tmp_path):
+    """fc_norm is a plain BatchNorm1d(affine=False): its statistics update while the model trains."""
+    model = pv.apply(tiny_vit(), "hst")
+    norm = model.petl.hst.fc_norm
+    assert type(norm) is torch.nn.BatchNorm1d and not norm.affine and norm.eps == 1e-6 and norm.momentum == 0.1
+    pooled = []
+    norm.register_forward_hook(lambda m, a, o: pooled.append((a[0], o)))
+    model.train()
+    assert norm.training
+    model(images(batch=4))
+    (x, out), = pooled
+    mean, var = x.mean(0), x.var(0, unbiased=False)
+    torch.testing.assert_close(out, (x - mean) / torch.sqrt(var + 1e-6))  # batch statistics
+    torch.testing.assert_close(norm.running_mean, 0.1 * mean)
+    torch.testing.assert_close(norm.running_var, 0.9 + 0.1 * x.var(0, unbiased=True))
+    assert norm.num_batches_tracked.item() == 1
+    model.eval()
+    model(images(batch=4))
+    assert not norm.training and norm.num_batches_tracked.item() == 1
+    torch.testing.assert_close(pooled[1][1], (pooled[1][0] - norm.running_mean) / torch.sqrt(norm.running_var + 1e-6))
+    # the adapter keys of the former AffineFreeBatchNorm (same buffers, same names): older adapters still load
+    pv.save_adapter(model, tmp_path / "hst")
+    saved = json.loads((tmp_path / "hst" / "adapter_config.json").read_text())["tensors"]
+    assert sorted(k for k in saved if k.startswith("petl.hst.fc_norm.")) == [
+        "petl.hst.fc_norm.num_batches_tracked", "petl.hst.fc_norm.running_mean", "petl.hst.fc_norm.running_var"]
 
 
 def test_bridge_then_resize_equals_official_resize_then_bridge():

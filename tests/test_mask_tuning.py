@@ -72,15 +72,23 @@ def test_threshold_semantics_and_initial_identity():
 
 
 def test_straight_through_gradient():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    class OneConv(nn.Module):  # pv.apply refuses a bare nn.Sequential (no forward of its own to hook)
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    model = OneConv()
     pv.apply(model, "mask_tuning")
     mask = mt.masks(model)[0][1]
     set_scores(model)
     x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
-    model[0](x).square().sum().backward()
-    weight = model[0].parametrizations.weight.original.detach()
+    model.conv(x).square().sum().backward()
+    weight = model.conv.parametrizations.weight.original.detach()
     w_eff = (weight * (mask.score > 5e-3)).requires_grad_(True)
-    F.conv2d(x, w_eff, model[0].bias).square().sum().backward()
+    F.conv2d(x, w_eff, model.conv.bias).square().sum().backward()
     torch.testing.assert_close(mask.score.grad, w_eff.grad * weight)  # d mask / d score = 1
 
 
@@ -209,3 +217,36 @@ def test_vit_b16_default_targets_and_count():
     assert expected == 28_901_376 and s.trainable == s.by_method["mask_tuning"] == expected
     assert f"{expected:,}" in str(s)
     assert "25 weight tensors, 28,901,376 weights" in pv.get_method("mask_tuning").summary_note(tower, pv.MaskTuningConfig())
+
+
+def test_training_hooks_call_the_r_amt_terms():
+    from petl_vision.core.registry import TrainStep
+
+    tower = tiny_tower()
+    teacher = copy.deepcopy(tower).eval()
+    pv.apply(tower, "mask_tuning", reg_weight=0.5, grad_dropout_lambda=1.0)
+    set_scores(tower, std=0.02)
+    method, config = pv.get_method("mask_tuning"), mt.applied_config(tower)
+    torch.testing.assert_close(method.extra_loss(tower, config), mt.regularization_loss(tower, 0.5))
+    assert method.owns_backward(config) and not method.owns_backward(pv.make_config("mask_tuning", grad_dropout=False))
+    assert method.epoch_metrics(tower, config) == {"masked_fraction": mt.masked_fraction(tower)} and mt.masked_fraction(tower) > 0
+    params = [p for p in tower.parameters() if p.requires_grad]
+    x, target = images(), torch.tensor([1, 3])
+
+    def loss_and_logits():
+        logits = tower(x)
+        return F.cross_entropy(logits, target) + mt.regularization_loss(tower), logits
+
+    loss, logits = loss_and_logits()  # expected: gradient_dropout_backward seeded by (seed, step)
+    kl = mt.kl_to_teacher(logits, teacher(x).detach())
+    mt.gradient_dropout_backward(params, loss, kl, 1.0, generator=torch.Generator().manual_seed(5 * 1_000_003 + 2))
+    expected = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    loss, logits = loss_and_logits()
+    step = TrainStep(inputs=x, outputs=logits, step=2, seed=5, backward=lambda value, **kw: value.backward(**kw), reference=teacher)
+    method.backward(tower, config, loss, step)
+    for p, e in zip(params, expected):
+        assert torch.equal(p.grad, e)
+    plain = [g.clone() for g in torch.autograd.grad(loss_and_logits()[0], params)]
+    assert any(not torch.equal(g, e) for g, e in zip(plain, expected))  # lambda 1 dropped some entries

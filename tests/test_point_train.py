@@ -58,3 +58,18 @@ def test_script_runs_vpt_and_full_on_the_point_transformer(method, tmp_path):
     head = (2 * dim * 256 + 256) + 512 + (256 * 256 + 256) + 512 + (256 * classes + classes)
     expected = head + depth * 10 * dim if method == "vpt" else result["total_params"]  # VPT-deep, 10 prompts per block
     assert result["trainable_params"] == expected
+
+
+def test_resume_continues_exactly(tmp_path):
+    from petl_vision.train.pointcloud import train_pointcloud
+
+    config = ROOT / "configs" / "pointcloud_synthetic_idpt.yaml"
+    overrides = TINY_DATA + RUNS["idpt"]
+    full = train_pointcloud(load_point_config(config, overrides + [f"output_dir={tmp_path / 'full'}"]))
+    part = train_pointcloud(load_point_config(config, overrides + [f"output_dir={tmp_path / 'part'}"]), stop_after_epoch=1)
+    assert part["stopped_early"] and part["adapter_dir"] is None
+    resumed = train_pointcloud(load_point_config(config, overrides + [f"output_dir={tmp_path / 'part'}"]), resume=True)
+    assert [h["epoch"] for h in resumed["history"]] == [2] and resumed["history"][0]["step"] == 2 * 3  # drop_last: 24 // 8
+    assert resumed["history"][0]["train_loss"] == full["history"][1]["train_loss"]
+    want, got = full["model"].state_dict(), resumed["model"].state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

@@ -313,3 +313,22 @@ def test_unet_benchmark_workload(method, args):
         sd15 = get_workload("diffusers-unet")("sd15-unet").build_model()
     assert sum(p.numel() for p in sd15.parameters()) == 859_520_964  # Stable Diffusion 1.5's UNet
     assert PRESETS["sd15-unet-lite"]["block_out_channels"] == (320, 640, 1280, 1280)
+
+
+def test_training_hooks_regularise_and_reselect_at_the_step(monkeypatch):
+    method = pv.get_method("sara")
+    unet = pv.apply(tiny_unet(), "sara", threshold=1e-2, rank_min_dim=0, rank_weight=1.0, progressive_fraction=0.3)
+    config = sara.sara_module(unet).config
+    optimizer = train(unet, steps=1)  # a nonzero update, so the nuclear norm is positive
+    torch.manual_seed(3)
+    expected = sara.regularization_loss(unet)
+    torch.manual_seed(3)  # the hook draws its tensor from the global generator, as the function does
+    term = method.extra_loss(unet, config)
+    assert term.item() == expected.item() > 0 and term.requires_grad
+
+    calls = []
+    monkeypatch.setattr(sara, "reselect", lambda model, opt=None: calls.append((model, opt)))
+    for step in range(1, 11):  # 10 steps: 0.3 of them is step 3
+        method.on_step(unet, config, optimizer, step, 10)
+        assert len(calls) == (1 if step >= 3 else 0), step
+    assert calls == [(unet, optimizer)]

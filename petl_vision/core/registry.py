@@ -2,13 +2,16 @@
 
 A method declares its name, its config dataclass, whether it can be merged, and three hooks:
 `check_host` (raise if the model is unsupported), `attach` (add parameters, mark trainable ones) and
-`merge` (fold itself into the host's weights).
+`merge` (fold itself into the host's weights). Training hooks (`extra_loss`, `owns_backward` /
+`backward`, `on_step`, `epoch_metrics`) let a method take part in the training loops of
+`petl_vision.train` without the loops naming it; their defaults do nothing.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
+import torch
 from torch import nn
 
 from .errors import UnknownMethodError
@@ -76,6 +79,60 @@ class Method:
     @classmethod
     def merge(cls, model: nn.Module, config: MethodConfig) -> None:
         """Fold the method into the host's weights. Only called when `mergeable` is True."""
+
+    # ---- training hooks, called by the training loops for every applied method (model: unwrapped)
+
+    @classmethod
+    def extra_loss(cls, model: nn.Module, config: MethodConfig) -> torch.Tensor | None:
+        """A 0-dim term added to the task loss at every training step, or None. Default: None."""
+        return None
+
+    @classmethod
+    def owns_backward(cls, config: MethodConfig) -> bool:
+        """True when `backward` computes the gradients itself. The loop then hands it a frozen copy
+        of the model made before the method was applied (`TrainStep.reference`), runs the step
+        without gradient synchronisation and averages the gradients across processes itself.
+        At most one applied method may own the backward. Default: False."""
+        return False
+
+    @classmethod
+    def backward(cls, model: nn.Module, config: MethodConfig, loss: torch.Tensor, step: "TrainStep") -> None:
+        """Set (add to) the .grad of the trainable parameters from `loss` (task loss + extra losses).
+        Only called when `owns_backward(config)` is True."""
+        raise NotImplementedError(f"method {cls.name!r} owns the backward but does not implement `backward`")
+
+    @classmethod
+    def on_step(cls, model: nn.Module, config: MethodConfig, optimizer, step: int, total_steps: int) -> None:
+        """Called after each optimizer step; `step` counts the steps taken (1 after the first) of
+        `total_steps`. May change the trainable parameters if it updates `optimizer` to match."""
+
+    @classmethod
+    def epoch_metrics(cls, model: nn.Module, config: MethodConfig) -> dict[str, float]:
+        """Numbers added to each epoch's metrics record (mask tuning: masked_fraction). Default: none."""
+        return {}
+
+
+@dataclasses.dataclass
+class TrainStep:
+    """One training batch as a loop hands it to `Method.backward`."""
+
+    inputs: Any  # the model's input batch, e.g. images (B, C, H, W)
+    outputs: torch.Tensor  # the model's outputs on it, e.g. logits (B, num_classes)
+    step: int  # optimizer steps taken before this batch
+    seed: int  # the run's seed: seed random draws with (seed, step) so that every process draws the same
+    backward: Callable  # backward(loss, **kwargs): accelerator.backward, or Tensor.backward
+    reference: nn.Module | None = None  # frozen copy of the model made before the method was applied
+
+
+def applied_methods(model: nn.Module) -> list[tuple[type[Method], MethodConfig]]:
+    """(method class, config) of every method applied to `model` (or to the model a DDP /
+    accelerate wrapper holds as `.module`), in the order applied; [] for a plain model."""
+    from .state import get_state  # state imports this module
+
+    state = get_state(model)
+    if state is None and isinstance(getattr(model, "module", None), nn.Module):
+        state = get_state(model.module)
+    return [(get_method(a.name), a.config) for a in state.applied] if state is not None else []
 
 
 def register_method(cls: type[Method]) -> type[Method]:

@@ -33,7 +33,7 @@ def build_datasets(data_cfg, model: nn.Module, num_classes: int | None = None):
     augment = getattr(cfg, "augment", False)
     input_size = getattr(cfg, "input_size", None)
     if kind == "imagefolder":
-        train_ds, eval_ds, n = _image_folders(cfg)
+        train_ds, eval_ds, n = image_folders(cfg)
     elif kind == "vtab":
         train_ds, eval_ds, n = _vtab(cfg, num_classes)
     elif kind == "digits":
@@ -48,7 +48,12 @@ def build_datasets(data_cfg, model: nn.Module, num_classes: int | None = None):
     return train_ds, eval_ds, num_classes if num_classes is not None else n
 
 
-def _image_folders(cfg):
+def image_folders(cfg):
+    """`(train ImageFolder, eval ImageFolder, num_classes)` of an imagefolder config, no transforms.
+
+    `cfg` has `root` (holding `<train_split>/` and `<eval_split>/`, default train/ and val/) or
+    `train_root` and `eval_root`; both folders must hold the same class names.
+    """
     root = getattr(cfg, "root", None)
     train_root, eval_root = getattr(cfg, "train_root", None), getattr(cfg, "eval_root", None)
     if train_root is None or eval_root is None:

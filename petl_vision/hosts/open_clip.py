@@ -16,6 +16,7 @@ the same, only where the transposes happen changes.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .tokens import TokenHost, register_token_host
@@ -31,6 +32,38 @@ def vision_tower(model: nn.Module) -> nn.Module | None:
         return model
     visual = getattr(model, "visual", None)
     return visual if isinstance(visual, VisionTransformer) else None
+
+
+def vision_towers(model: nn.Module) -> list[nn.Module]:
+    """Every open_clip VisionTransformer inside `model` (the model itself included)."""
+    try:
+        from open_clip.transformer import VisionTransformer
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, VisionTransformer)]
+
+
+@torch.no_grad()
+def fold_patch_shift(tower: nn.Module, shift: torch.Tensor) -> None:
+    """Fold a per-channel shift (C,) of `conv1`'s output into the tower's positional embedding.
+
+    open_clip adds `positional_embedding` (1 + gh*gw, C) right after conv1 (row 0 to the class
+    token): adding `shift` to rows 1: gives the same tokens with no bias on conv1.
+    """
+    tower.positional_embedding[1:] += shift.to(tower.positional_embedding.dtype)
+
+
+def attention_pool_linears(model: nn.Module) -> list[nn.Linear]:
+    """q/k/v/c projections of open_clip's ResNet attention pools in `model`.
+
+    `AttentionPool2d.forward` passes their `weight` and `bias` to F.multi_head_attention_forward
+    without calling the layers.
+    """
+    try:
+        from open_clip.modified_resnet import AttentionPool2d
+    except ImportError:
+        return []
+    return [getattr(m, name) for m in model.modules() if isinstance(m, AttentionPool2d) for name in ("q_proj", "k_proj", "v_proj", "c_proj")]
 
 
 def make_batch_first(tower: nn.Module) -> None:

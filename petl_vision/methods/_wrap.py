@@ -1,12 +1,15 @@
-"""Helpers shared by module-level methods: wrapper base class and target selection."""
+"""Helpers shared by module-level methods: wrapper base class, target selection, parametrizations."""
 from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..core.state import host_modules
 from ..hosts import classifier_modules
+from ..hosts.open_clip import attention_pool_linears
 
 
 class WrapperLayer(nn.Module):
@@ -38,3 +41,40 @@ def select_targets(model: nn.Module, accept, pattern: str | None = None) -> list
         for name, module in host_modules(model, exclude=classifier_modules(model))
         if not isinstance(module, WrapperLayer) and accept(module) and (regex is None or regex.search(name))
     ]
+
+
+def linears_read_directly(model: nn.Module) -> set[int]:
+    """ids of the nn.Linear layers whose parent reads `weight` and `bias` without calling them.
+
+    nn.MultiheadAttention's `out_proj` and the q/k/v/c projections of open_clip's ResNet attention
+    pool: a wrapper placed on them would never run, so methods must reach their tensors directly.
+    """
+    ids = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    return ids | {id(m) for m in attention_pool_linears(model)}
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own.
+
+    torch's parametrized class (e.g. "ParametrizedMultiheadAttention") is shared by deep copies of
+    the module, and removing a parametrization deletes the tensor's property from that class: done
+    on the shared class, merging a deep copy would break the original.
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
+@torch.no_grad()
+def bake_parametrizations(module: nn.Module, attrs, order: tuple[str, ...]) -> None:
+    """Write the parametrized tensors `attrs` of `module` into plain parameters; drop their parametrizations.
+
+    order: the module's parameter names before it was parametrized. Removal re-registers each
+    tensor last; the original order is restored so state_dict keys keep their order.
+    """
+    _own_class(module)
+    for attr in attrs:
+        parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+    for key in order:
+        if key in module._parameters:
+            module._parameters[key] = module._parameters.pop(key)

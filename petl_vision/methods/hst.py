@@ -107,27 +107,6 @@ def stage_groups(depth: int, block_indices: tuple[int, ...] | None = None) -> li
     return [list(range(s, e + 1)) for s, e in zip(starts, block_indices)]
 
 
-class AffineFreeBatchNorm(nn.Module):
-    """BatchNorm1d(affine=False) on (B, C): the official head's `fc_norm` (eps 1e-6, momentum 0.1).
-
-    A plain module rather than nn.BatchNorm1d because petl_vision keeps parameter-free `_NormBase`
-    layers in eval mode (fixed statistics); HST's statistics must update during training.
-    Buffers match nn.BatchNorm1d's state_dict keys.
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-6, momentum: float = 0.1):
-        super().__init__()
-        self.eps, self.momentum = eps, momentum
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.num_batches_tracked.add_(1)
-        return F.batch_norm(x, self.running_mean, self.running_var, None, None, self.training, self.momentum, self.eps)
-
-
 class SideAttention(nn.Module):
     """Side tokens (B, N, d) attend to a few key/value tokens (B, M, d) -> (B, N, d)."""
 
@@ -239,7 +218,7 @@ class HSTNetwork(nn.Module):
             in_chans, start = width, start + len(group)
         self.stages = nn.ModuleList(stages)
         self.stages.apply(_init_weights)
-        self.fc_norm = AffineFreeBatchNorm(config.widths[-1])
+        self.fc_norm = nn.BatchNorm1d(config.widths[-1], eps=1e-6, affine=False)  # official fc_norm; follows the model's mode
         self.head = nn.Linear(config.widths[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.head.apply(_init_weights)
         self.return_pyramid = False

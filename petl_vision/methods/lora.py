@@ -1,13 +1,16 @@
 """LoRA baseline through the peft library (not re-implemented here).
 
 peft's LoRA layers are injected into the host's linears (every nn.Linear outside the classifier
-head by default: on a ViT, attn.qkv, attn.proj, mlp.fc1, mlp.fc2), so the comparison with SSF and
-VPT runs through the same `apply` / `save_adapter` / `merge` API. `merge` uses peft's own layer
-merge and puts the base linears back, leaving a plain host model.
+head by default: on a ViT, attn.qkv, attn.proj, mlp.fc1, mlp.fc2) and, on CNNs, its convolutions
+(peft's Conv2d LoRA: `lora_A` a conv with the base's kernel, stride and padding down to r
+channels, `lora_B` a 1x1 conv up to the output channels), so the comparison with SSF and VPT runs
+through the same `apply` / `save_adapter` / `merge` API. `merge` uses peft's own layer merge and
+puts the base layers back, leaving a plain host model.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from torch import nn
 
@@ -15,7 +18,7 @@ from ..core.errors import UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state
 from ..hosts import unfreeze_head
-from ._wrap import select_targets
+from ._wrap import linears_read_directly, select_targets
 
 
 @dataclasses.dataclass
@@ -23,9 +26,14 @@ class LoRAConfig(MethodConfig):
     """Config of the LoRA baseline (peft).
 
     r: rank. alpha: scaling numerator (update scaled by alpha / r). dropout: on the LoRA input.
-    target_modules: regular expression searched in module names to restrict the nn.Linear layers
-        (default: every nn.Linear outside the classifier head, except nn.MultiheadAttention's
-        out_proj, whose weight MHA reads directly).
+    target_modules: regular expression searched in module names to restrict the adapted layers
+        (default: every nn.Linear outside the classifier head, except those whose weight the parent
+        reads directly, such as nn.MultiheadAttention's out_proj).
+    include_conv: also adapt nn.Conv2d layers, r * (in * kh * kw + out) parameters each. None
+        (default): only when the model has no nn.Linear to adapt (ResNets, convnext_atto's 1x1-conv
+        MLP), so ViTs, Swin and UNets keep the linear-only placement. Grouped (depthwise), dilated
+        and non-zero-padded convs are always skipped: peft's lora_A ignores groups, dilation and
+        padding mode (and cannot merge grouped convs).
     train_head: train the classifier head too.
     """
 
@@ -34,6 +42,7 @@ class LoRAConfig(MethodConfig):
     alpha: float = 8.0
     dropout: float = 0.0
     target_modules: str | None = None
+    include_conv: bool | None = None
     train_head: bool = True
 
 
@@ -48,14 +57,23 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and not isinstance(module, _lora_layer_class())
 
 
-def _mha_out_projections(model: nn.Module) -> set[int]:
-    """ids of nn.MultiheadAttention.out_proj layers: MHA reads their weight without calling them."""
-    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+def _is_plain_conv(module: nn.Module) -> bool:
+    """An nn.Conv2d whose LoRA update peft computes and merges exactly."""
+    return (type(module) is nn.Conv2d and module.groups == 1 and module.dilation == (1, 1)
+            and module.padding_mode == "zeros")
 
 
-def _targets(model: nn.Module, pattern: str | None = None) -> list[str]:
-    skip = _mha_out_projections(model)
-    return [name for name, m in select_targets(model, _is_linear, pattern) if id(m) not in skip]
+def _targets(model: nn.Module, include_conv: bool | None = None, pattern: str | None = None) -> list[str]:
+    """Names of the layers LoRA adapts (see LoRAConfig.include_conv for when convs are included)."""
+    direct = linears_read_directly(model)
+
+    def linear(m: nn.Module) -> bool:
+        return _is_linear(m) and id(m) not in direct
+
+    if include_conv is None:
+        include_conv = not select_targets(model, linear)
+    accept = (lambda m: linear(m) or _is_plain_conv(m)) if include_conv else linear
+    return [name for name, _ in select_targets(model, accept, pattern)]
 
 
 @register_method
@@ -70,18 +88,22 @@ class LoRA(Method):
         if state is not None and "mask_tuning" in state.method_names:
             raise UnsupportedHostError("apply 'lora' before 'mask_tuning': LoRA's merge would write into the masked weight's copy")
         if not _targets(model):
-            raise UnsupportedHostError(f"method 'lora' found no nn.Linear outside the head of {type(model).__name__}")
+            raise UnsupportedHostError(f"method 'lora' found no nn.Linear or ungrouped nn.Conv2d outside the head of {type(model).__name__}")
 
     @classmethod
     def attach(cls, model: nn.Module, config: LoRAConfig) -> None:
-        names = _targets(model, config.target_modules)
+        names = _targets(model, config.include_conv, config.target_modules)
         if not names:
-            raise UnsupportedHostError(f"lora: target_modules={config.target_modules!r} matches no nn.Linear of {type(model).__name__}")
+            kinds = "nn.Linear" if config.include_conv is False else "nn.Linear or nn.Conv2d"
+            raise UnsupportedHostError(
+                f"lora: target_modules={config.target_modules!r}, include_conv={config.include_conv!r} matches no {kinds} of {type(model).__name__}"
+            )
         from peft import LoraConfig as PeftLoraConfig
         from peft import inject_adapter_in_model
 
         trainable = [p for p in model.parameters() if p.requires_grad]
-        peft_config = PeftLoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=names)
+        exact = "^(" + "|".join(map(re.escape, names)) + ")$"  # a list would also match name suffixes
+        peft_config = PeftLoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=exact)
         inject_adapter_in_model(peft_config, model)
         for param in trainable:  # peft freezes everything but LoRA; keep earlier methods trainable
             param.requires_grad_(True)

@@ -16,9 +16,10 @@ Linear/Conv weights and on raw parameters that modules read directly (the fused 
 `out_proj.weight` that nn.MultiheadAttention reads without calling the Linear). `merge` bakes
 ``W * mask`` into the weight and removes the parametrization: a plain model with the same keys.
 
-Training (see `petl_vision.train.clip`): loss = CE + `regularization_loss(model)` (1e-4 x the L2
-norm of each score tensor, summed, as the official code); `gradient_dropout_backward` combines the
-CE gradient `a` with the gradient `b` of `kl_to_teacher` (KL to the frozen zero-shot model).
+Training (the `MaskTuning` training hooks, used by every loop of `petl_vision.train`): loss = CE +
+`regularization_loss(model)` (1e-4 x the L2 norm of each score tensor, summed, as the official
+code); `gradient_dropout_backward` combines the CE gradient `a` with the gradient `b` of
+`kl_to_teacher` (KL to the frozen model before mask tuning: the zero-shot classifier on CLIP).
 `rank_by_gradient` / `select_by_gradient` choose the weight matrices by accumulated squared
 gradients, optionally (the paper's "identify important parameters" step).
 """
@@ -372,6 +373,36 @@ class MaskTuning(Method):
                 for key in order:  # remove_parametrizations re-registers the weight last
                     if key in module._parameters:
                         module._parameters[key] = module._parameters.pop(key)
+
+    # ---- training hooks (see petl_vision.core.registry.Method)
+
+    @classmethod
+    def extra_loss(cls, model: nn.Module, config: MaskTuningConfig) -> torch.Tensor:
+        """The L2 penalty on the scores, `regularization_loss` with the config's reg_weight."""
+        return regularization_loss(model, config.reg_weight)
+
+    @classmethod
+    def owns_backward(cls, config: MaskTuningConfig) -> bool:
+        return config.grad_dropout
+
+    @classmethod
+    def backward(cls, model: nn.Module, config: MaskTuningConfig, loss: torch.Tensor, step) -> None:
+        """R-AMT's gradient dropout: the task-loss gradient against the gradient of the KL to the
+        frozen model before mask tuning (`step.reference`); uniform draws seeded by (seed, step)."""
+        if step.reference is None:
+            raise ValueError("mask_tuning: grad_dropout needs the frozen model from before the method was applied "
+                             "(let the trainer apply the method, or set grad_dropout=False)")
+        with torch.no_grad():
+            teacher_logits = step.reference(step.inputs)
+        kl = kl_to_teacher(step.outputs.float(), teacher_logits.float(), config.kl_temperature)
+        generator = torch.Generator(device=loss.device)
+        generator.manual_seed(step.seed * 1_000_003 + step.step)
+        params = [p for p in model.parameters() if p.requires_grad]
+        gradient_dropout_backward(params, loss, kl, config.grad_dropout_lambda, step.backward, generator)
+
+    @classmethod
+    def epoch_metrics(cls, model: nn.Module, config: MaskTuningConfig) -> dict[str, float]:
+        return {"masked_fraction": masked_fraction(model)}
 
     @classmethod
     def summary_note(cls, model: nn.Module, config: MaskTuningConfig) -> str:

@@ -316,6 +316,17 @@ class SaRA(Method):
     def merge(cls, model: nn.Module, config: SaRAConfig) -> None:
         _remove(model, restore=False)
 
+    @classmethod
+    def extra_loss(cls, model: nn.Module, config: SaRAConfig) -> torch.Tensor:
+        """The nuclear-norm regulariser, `regularization_loss`."""
+        return regularization_loss(model)
+
+    @classmethod
+    def on_step(cls, model: nn.Module, config: SaRAConfig, optimizer, step: int, total_steps: int) -> None:
+        """Progressive re-selection (`reselect`, optimizer state kept) after step `reselect_step`."""
+        if step == reselect_step(model, total_steps):
+            reselect(model, optimizer)
+
 
 def _check_base(name: str, weight: torch.Tensor, t: dict) -> None:
     """The saved base values must be this model's weights at the saved positions."""

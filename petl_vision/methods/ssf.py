@@ -4,24 +4,37 @@ A per-channel affine `y = x * scale + shift` after every linear, convolution and
 layer of the host (outside the head). On a timm ViT that is exactly the official placement: after
 the patch-embedding conv, norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2 and the final norm.
 Bias-free convolutions are skipped: in CNNs each is followed by a BatchNorm whose SSF spans the
-same per-channel affine, and folding a shift into them would need a new bias tensor.
+same per-channel affine, and folding a shift into them would need a new bias tensor. Exception:
+the bias-free patch conv (`conv1`) of open_clip ViT towers, whose shift folds into the positional
+embedding added right after it.
+
+Layers that are called get a wrapper (`SSFLayer`). Tensors their parent reads directly cannot be
+reached by a wrapper: the fused attention in-projection (`in_proj_weight`/`in_proj_bias` of
+nn.MultiheadAttention and open_clip's Attention), nn.MultiheadAttention's `out_proj` and the
+projections of open_clip's ResNet attention pool. There SSF is a `torch.nn.utils.parametrize`
+parametrization, using that scaling a linear map's output channels scales the rows of W:
+``gamma * (W x + b) + beta = (diag(gamma) W) x + (gamma * b + beta)``.
 
 `merge` folds every scale/shift into the layer it follows, giving back a plain model.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 
 import open_clip.transformer as open_clip_layers
 import torch
 from timm.layers import LayerNorm, LayerNorm2d
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..core.errors import UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state
 from ..hosts import unfreeze_head
-from ._wrap import WrapperLayer, select_targets
+from ..hosts.open_clip import fold_patch_shift, vision_towers
+from ._wrap import WrapperLayer, bake_parametrizations, linears_read_directly, select_targets
 
 
 @dataclasses.dataclass
@@ -34,7 +47,8 @@ class SSFConfig(MethodConfig):
         so SSF then adds no activation memory of its own (the official code keeps both). Off for
         (N, C, ...) outputs, where in-place activations (ReLU(inplace=True)) may overwrite y.
     target_modules: regular expression searched in module names to restrict the placement
-        (default: every eligible layer).
+        (default: every eligible layer). A fused attention in-projection is named
+        `<attention module>.in_proj` (e.g. "transformer.resblocks.0.attn.in_proj").
     train_head: train the classifier head too (paper: yes).
     """
 
@@ -125,18 +139,103 @@ class SSFLayer(WrapperLayer):
         return y * self.scale + self.shift
 
     @torch.no_grad()
-    def merged(self) -> nn.Module:
-        """`base` with the scale and shift folded in: W' = diag(s) W, b' = s * b + t."""
+    def merged(self, fold_shift=None) -> nn.Module:
+        """`base` with the scale and shift folded in: W' = diag(s) W, b' = s * b + t.
+
+        fold_shift: for a bias-free base, a callable taking the shift (C,) that folds it into the
+        layer that follows (open_clip's positional embedding); without it the base gains a bias.
+        """
         base, scale, shift = self.base, self.scale, self.shift
         base.weight.mul_(scale.view((-1,) + (1,) * (base.weight.ndim - 1)))
-        if base.bias is None:
-            base.bias = nn.Parameter(shift.detach().clone())
-        else:
+        if base.bias is not None:
             base.bias.mul_(scale).add_(shift)
+        elif fold_shift is not None:
+            fold_shift(shift.detach())
+        else:
+            base.bias = nn.Parameter(shift.detach().clone())
         return base
 
     def extra_repr(self) -> str:
         return f"channels={self.scale.numel()}, channel_dim={self.channel_dim}"
+
+
+class BiasScaleShift(nn.Module):
+    """Parametrization b -> scale * b + shift of a bias (C,) read directly by the layer's parent.
+
+    Owns the SSF site's scale and shift; the weights feeding this bias get a `RowScale` reading the
+    same scale. param_order: the module's parameter names before parametrizing (restored by merge).
+    """
+
+    def __init__(self, bias: torch.Tensor, init_std: float, param_order: tuple[str, ...]):
+        super().__init__()
+        self.scale = nn.Parameter(torch.empty_like(bias).normal_(1.0, init_std))
+        self.shift = nn.Parameter(torch.empty_like(bias).normal_(0.0, init_std))
+        self.param_order = param_order
+
+    def forward(self, bias: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, bias, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.scale.numel()}"
+
+
+class RowScale(nn.Module):
+    """Parametrization W -> diag(scale[rows]) W of a weight (C_out, ...) feeding a BiasScaleShift.
+
+    rows: the slice of the site's channels this weight produces (q, k or v of a split in-projection).
+    """
+
+    def __init__(self, owner: BiasScaleShift, rows: slice):
+        super().__init__()
+        object.__setattr__(self, "owner", owner)  # a reference, not a submodule: the scale is stored once
+        self.rows = rows
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        scale = self.owner.scale[self.rows]
+        return weight * scale.view((-1,) + (1,) * (weight.ndim - 1))
+
+    def extra_repr(self) -> str:
+        return f"rows={self.rows.start}:{self.rows.stop}"
+
+
+def _wrapper_targets(model: nn.Module, pattern: str | None = None) -> list[tuple[str, nn.Module, int]]:
+    """(name, layer, output channels) of the called layers SSF wraps."""
+    direct = linears_read_directly(model)
+    patch_convs = {id(t.conv1) for t in vision_towers(model) if type(t.conv1) is nn.Conv2d}
+
+    def channels(m: nn.Module) -> int | None:
+        if id(m) in direct:
+            return None
+        return m.out_channels if id(m) in patch_convs else _num_channels(m)
+
+    return [(name, m, channels(m)) for name, m in select_targets(model, lambda m: channels(m) is not None, pattern)]
+
+
+def _tensor_sites(model: nn.Module, pattern: str | None = None) -> list[tuple[str, nn.Module, str, list[tuple[str, slice]]]]:
+    """SSF sites on tensors read directly: (site name, module, bias attribute, [(weight attribute, rows)]).
+
+    A fused attention in-projection (`in_proj_bias` with `in_proj_weight`, or with separate
+    q/k/v_proj_weight) is the site `<module>.in_proj`; a linear of `linears_read_directly` is a
+    site of its own. Without a bias there is no tensor to carry the shift: such layers are skipped.
+    """
+    direct = linears_read_directly(model)
+    sites = []
+    for name, module in select_targets(model, lambda m: True):
+        params = module._parameters
+        if isinstance(params.get("in_proj_bias"), nn.Parameter):
+            if isinstance(params.get("in_proj_weight"), nn.Parameter):
+                weights = [("in_proj_weight", slice(0, params["in_proj_bias"].numel()))]
+            elif all(isinstance(params.get(f"{k}_proj_weight"), nn.Parameter) for k in "qkv"):
+                dim = params["q_proj_weight"].shape[0]
+                weights = [(f"{k}_proj_weight", slice(i * dim, (i + 1) * dim)) for i, k in enumerate("qkv")]
+            else:
+                weights = []
+            if weights:
+                sites.append((f"{name}.in_proj" if name else "in_proj", module, "in_proj_bias", weights))
+        if id(module) in direct and module.bias is not None:
+            sites.append((name, module, "bias", [("weight", slice(0, module.out_features))]))
+    regex = re.compile(pattern) if pattern else None
+    return [site for site in sites if regex is None or regex.search(site[0])]
 
 
 @register_method
@@ -151,22 +250,35 @@ class SSF(Method):
         for later in ("lora", "mask_tuning"):
             if state is not None and later in state.method_names:
                 raise UnsupportedHostError(f"apply 'ssf' before {later!r}: it changes the layers SSF follows")
-        if not select_targets(model, _num_channels):
+        if not _wrapper_targets(model) and not _tensor_sites(model):
             raise UnsupportedHostError(f"method 'ssf' found no linear, convolution or norm layer to follow in {type(model).__name__}")
 
     @classmethod
     def attach(cls, model: nn.Module, config: SSFConfig) -> None:
-        targets = select_targets(model, _num_channels, config.target_modules)
-        if not targets:
+        targets = _wrapper_targets(model, config.target_modules)
+        sites = _tensor_sites(model, config.target_modules)
+        if not targets and not sites:
             raise UnsupportedHostError(f"ssf: target_modules={config.target_modules!r} matches no eligible layer of {type(model).__name__}")
-        for name, module in targets:
-            layer = SSFLayer(module, _num_channels(module), _CHANNEL_DIM[type(module)], config.init_std, config.save_output)
+        for name, module, channels in targets:
+            layer = SSFLayer(module, channels, _CHANNEL_DIM[type(module)], config.init_std, config.save_output)
             model.set_submodule(name, layer)
+        for _, module, bias_attr, weights in sites:
+            owner = BiasScaleShift(getattr(module, bias_attr).detach(), config.init_std, tuple(module._parameters))
+            parametrize.register_parametrization(module, bias_attr, owner)
+            for attr, rows in weights:
+                parametrize.register_parametrization(module, attr, RowScale(owner, rows))
         if config.train_head:
             unfreeze_head(model, cls.name)
 
     @classmethod
     def merge(cls, model: nn.Module, config: SSFConfig) -> None:
+        towers = {id(t.conv1): t for t in vision_towers(model)}
         for name, module in list(model.named_modules()):
             if isinstance(module, SSFLayer):
-                model.set_submodule(name, module.merged())
+                tower = towers.get(id(module))
+                model.set_submodule(name, module.merged(functools.partial(fold_patch_shift, tower) if tower is not None else None))
+            plists = dict(module._modules["parametrizations"].items()) if "parametrizations" in module._modules else {}
+            ours = {attr: plist for attr, plist in plists.items() if any(isinstance(p, (BiasScaleShift, RowScale)) for p in plist)}
+            owners = [p for plist in ours.values() for p in plist if isinstance(p, BiasScaleShift)]
+            if owners:
+                bake_parametrizations(module, list(ours), owners[0].param_order)

@@ -1,4 +1,4 @@
-"""Few-shot CLIP tuning: an open_clip model, a zero-shot head, any method; R-AMT's training terms.
+"""Few-shot CLIP tuning: an open_clip model, a zero-shot head, any method (R-AMT mask tuning, ...).
 
 A config is the classifier's YAML (`TrainConfig`: model, pretrained, checkpoint, method, optim,
 sched, epochs, ...) whose `data` section is a few-shot image folder (`CLIPDataConfig`), plus a
@@ -10,38 +10,31 @@ sched, epochs, ...) whose `data` section is a few-shot image folder (`CLIPDataCo
     data: {root: data/oxford_pets, shots: 16, seed: 1, templates: oxford_pets}
     clip: {tag: openai}
 
-The loop prints the zero-shot accuracy before training and the tuned accuracy after. With mask
-tuning applied, the loss is CE + the score penalty and, with `grad_dropout`, gradients go through
-R-AMT's gradient dropout against the KL to the frozen zero-shot classifier (a copy made before
-the method is applied). It reuses the classifier trainer's evaluation, checkpoints, metrics log,
-optimizer and schedule.
+`train_clip` builds the model and the few-shot data and hands them to the classifier trainer
+(`petl_vision.train.trainer.train`), which prints the zero-shot accuracy before training (a copy
+made before the method is applied) and runs the methods' training hooks: with mask tuning, the
+loss is CE + the score penalty and, with `grad_dropout`, gradients go through R-AMT's gradient
+dropout against the KL to that frozen zero-shot classifier. The tuned accuracy is printed after.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 import yaml
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
-from torch.utils.data import DataLoader
+from accelerate import PartialState
+from accelerate.utils import set_seed
 
-import petl_vision as pv
 from petl_vision.clip import CLIPClassifier, class_names_from_folders, clip_transforms, few_shot, load_clip, read_class_names
 from petl_vision.clip.zero_shot import resolve_templates
-from petl_vision.data.build import _image_folders
+from petl_vision.data.build import image_folders
 from petl_vision.methods import mask_tuning
 
-from .config import ConfigError, TrainConfig, _build, apply_override, from_dict, merge_dicts, read_yaml, to_dict
-from .optim import build_optimizer, build_scheduler
-from .tracking import MetricsLog
-from .trainer import TrainState, evaluate, find_checkpoint, save_checkpoint, save_merged
+from .config import ConfigError, TrainConfig, apply_override, coerce, from_dict, merge_dicts, read_yaml
+from .trainer import train
 
 
 @dataclass
@@ -92,7 +85,8 @@ def load_clip_config(path: str | Path | None = None, overrides: list[str] | tupl
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {[f'{name}.{k}' for k in unknown]}; valid: {sorted(f'{name}.{n}' for n in names)}")
         templates = values.pop("templates", "default") if cls is CLIPDataConfig else None
-        sections[name] = _build(cls, values, source, f"{name}.")
+        hints = typing.get_type_hints(cls)
+        sections[name] = cls(**{k: coerce(v, hints[k], source, f"{name}.{k}") for k, v in values.items()})
         if cls is CLIPDataConfig:
             try:
                 resolve_templates(templates)
@@ -112,7 +106,7 @@ def build_clip_classifier(cfg: CLIPTrainConfig, class_names: list[str]) -> CLIPC
 
 def build_fewshot_data(data: CLIPDataConfig):
     """(training ImageFolder, eval ImageFolder, class names) of the data section, without transforms."""
-    train_full, eval_ds, _ = _image_folders(data)
+    train_full, eval_ds, _ = image_folders(data)
     folders = train_full.classes
     names = read_class_names(data.class_names, folders) if data.class_names else class_names_from_folders(folders)
     return train_full, eval_ds, names
@@ -124,135 +118,29 @@ def train_clip(cfg: CLIPTrainConfig, resume: str | Path | bool | None = None, st
     resume: a checkpoint dir, an output dir (its latest checkpoint), or True for the output_dir.
     stop_after_epoch: stop (as if interrupted) after that epoch's checkpoint; for tests.
 
-    Result keys: zero_shot (metrics of the untuned classifier), metrics (last epoch), history,
-    model (unwrapped, adapted), masked_fraction (mask tuning only), trainable_params,
-    total_params, output_dir, adapter_dir, merged_path, checkpoint_dir.
+    Result keys: those of `petl_vision.train.trainer.train`, plus zero_shot (metrics of the untuned
+    classifier) and masked_fraction (mask tuning only, else None).
     """
     tc = cfg.train
     if tc.grad_accum_steps != 1:
         raise ConfigError(f"grad_accum_steps={tc.grad_accum_steps}: the CLIP trainer steps on every batch (use 1)")
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=tc.seed))
+    say = PartialState().print  # the main process only
     set_seed(tc.seed)
-    out = Path(tc.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        record = {**to_dict(tc), "data": dataclasses.asdict(cfg.data), "clip": dataclasses.asdict(cfg.clip)}
-        (out / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
-
     train_full, eval_ds, names = build_fewshot_data(cfg.data)
     model = build_clip_classifier(cfg, names)
     train_full.transform, eval_ds.transform = clip_transforms(model.visual, cfg.data.augment, cfg.data.crop_scale)
     train_ds = few_shot(train_full, cfg.data.shots, cfg.data.seed)
-    accelerator.print(f"{len(names)} classes, {len(train_ds)} training images ({cfg.data.shots} shots), {len(eval_ds)} eval images")
-    eval_loader = accelerator.prepare(DataLoader(eval_ds, tc.eval_batch_size or 2 * tc.batch_size, num_workers=tc.num_workers))
-    zero_shot = evaluate(model.to(accelerator.device), eval_loader, accelerator, len(names))
-    accelerator.print(f"zero-shot: top1 {zero_shot['top1']:.2f}")
+    say(f"{len(names)} classes, {len(train_ds)} training images ({cfg.data.shots} shots), {len(eval_ds)} eval images")
 
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen zero-shot classifier
-    pv.apply(model, tc.method.name, **tc.method.overrides)
-    counts = pv.summary(model)
-    accelerator.print(counts)
-    mt = mask_tuning.applied_config(model)
-    if mt is None or not mt.grad_dropout:
-        teacher = None
-
-    train_loader = DataLoader(train_ds, tc.batch_size, shuffle=True, num_workers=tc.num_workers)
-    optimizer = build_optimizer(model, tc.optim, tc.batch_size * accelerator.num_processes)
-    scheduler = build_scheduler(optimizer, tc.sched, tc.epochs, len(train_loader))
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    log = MetricsLog(out, enabled=accelerator.is_main_process)
-    if resume:
-        ckpt = find_checkpoint(out if resume is True else resume)
-        accelerator.load_state(str(ckpt))
-        log.truncate_after(state.epoch)
-        accelerator.print(f"resumed from {ckpt} at epoch {state.epoch}")
-
-    history, ckpt_dir = [], None
-    for epoch in range(state.epoch, tc.epochs):
-        train_loader.set_epoch(epoch)
-        stats = train_clip_epoch(model, teacher, train_loader, optimizer, scheduler, accelerator, tc, state)
-        stats.update(evaluate(model, eval_loader, accelerator, len(names)))
-        state.epoch = epoch + 1
-        record = {"epoch": state.epoch, "step": state.step, **stats}
-        if mt is not None:
-            record["masked_fraction"] = mask_tuning.masked_fraction(model)
-        history.append(record)
-        log.log(record)
-        accelerator.print(f"epoch {state.epoch}/{tc.epochs}  loss {record['train_loss']:.4f}  top1 {record['top1']:.2f}  ({record['epoch_time']:.1f}s)")
-        ckpt_dir = save_checkpoint(accelerator, out, state.epoch, tc.keep_checkpoints)
-        if stop_after_epoch is not None and state.epoch >= stop_after_epoch:
-            break
-    log.close()
-
-    unwrapped = accelerator.unwrap_model(model)
-    metrics = history[-1] if history else evaluate(model, eval_loader, accelerator, len(names))
-    masked = f", masked off {100 * mask_tuning.masked_fraction(unwrapped):.2f}% of the masked weights" if mt is not None else ""
-    accelerator.print(f"zero-shot top1 {zero_shot['top1']:.2f} -> tuned top1 {metrics['top1']:.2f}{masked}")
-    result = {
-        "zero_shot": zero_shot, "metrics": metrics, "history": history, "model": unwrapped,
-        "masked_fraction": mask_tuning.masked_fraction(unwrapped) if mt is not None else None,
-        "trainable_params": counts.trainable, "total_params": counts.total, "output_dir": str(out),
-        "adapter_dir": None, "merged_path": None, "checkpoint_dir": str(ckpt_dir) if ckpt_dir else None,
-    }
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        result["adapter_dir"] = str(pv.save_adapter(unwrapped, out / "adapter"))
-        if tc.merge:
-            result["merged_path"] = save_merged(unwrapped, out / "merged.safetensors")
-    return result
-
-
-def train_clip_epoch(model, teacher, loader, optimizer, scheduler, accelerator: Accelerator, tc: TrainConfig, state: TrainState) -> dict:
-    """One pass over `loader`; returns train_loss (mean CE + penalty), lr, epoch_time, images_per_s.
-
-    Mask tuning: loss = CE + regularization_loss; with a teacher, the step is R-AMT's gradient
-    dropout (CE gradient vs KL gradient), computed per process and then averaged across processes;
-    the uniform draws are seeded by (seed, step), so every process draws the same.
-    """
-    model.train()
-    unwrapped = accelerator.unwrap_model(model)
-    mt = mask_tuning.applied_config(unwrapped)
-    params = [p for p in model.parameters() if p.requires_grad]
-    generator = torch.Generator(device=accelerator.device)
-    loss_sum, batches, images, start = 0.0, 0, 0, time.perf_counter()
-    for inputs, targets in loader:
-        if teacher is None:
-            loss = _task_loss(model(inputs), targets, unwrapped, mt)
-            accelerator.backward(loss)
-        else:
-            with accelerator.no_sync(model):  # two backward passes: average the combined gradient below
-                logits = model(inputs)
-                loss = _task_loss(logits, targets, unwrapped, mt)
-                with torch.no_grad():
-                    teacher_logits = teacher(inputs)
-                kl = mask_tuning.kl_to_teacher(logits.float(), teacher_logits.float(), mt.kl_temperature)
-                generator.manual_seed(tc.seed * 1_000_003 + state.step)
-                mask_tuning.gradient_dropout_backward(params, loss, kl, mt.grad_dropout_lambda, accelerator.backward, generator)
-            if accelerator.num_processes > 1:
-                for p in params:
-                    if p.grad is not None:
-                        p.grad = accelerator.reduce(p.grad, reduction="mean")
-        if tc.clip_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), tc.clip_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        state.step += 1
-        loss_sum += loss.item()
-        batches += 1
-        images += inputs.shape[0] * accelerator.num_processes
-    elapsed = time.perf_counter() - start
-    return {"train_loss": loss_sum / max(batches, 1), "lr": optimizer.param_groups[0]["lr"],
-            "epoch_time": elapsed, "images_per_s": images / max(elapsed, 1e-9)}
-
-
-def _task_loss(logits: torch.Tensor, targets: torch.Tensor, model, mt) -> torch.Tensor:
-    loss = F.cross_entropy(logits.float(), targets)
-    return loss + mask_tuning.regularization_loss(model) if mt is not None else loss
+    record = {"data": dataclasses.asdict(cfg.data), "clip": dataclasses.asdict(cfg.clip)}
+    result = train(tc, resume, stop_after_epoch, model=model, data=(train_ds, eval_ds, len(names)),
+                   baseline="zero-shot", config_record=record)
+    tuned = result["model"]
+    masked = mask_tuning.masked_fraction(tuned) if mask_tuning.applied_config(tuned) is not None else None
+    note = f", masked off {100 * masked:.2f}% of the masked weights" if masked is not None else ""
+    say(f"zero-shot top1 {result['baseline']['top1']:.2f} -> tuned top1 {result['metrics']['top1']:.2f}{note}")
+    return {**result, "zero_shot": result["baseline"], "masked_fraction": masked}
 
 
 __all__ = ["CLIPDataConfig", "CLIPModelConfig", "CLIPTrainConfig", "build_clip_classifier", "build_fewshot_data",
-           "load_clip_config", "train_clip", "train_clip_epoch"]
+           "load_clip_config", "train_clip"]

@@ -9,33 +9,26 @@ sched, epochs, ...) whose `data` section describes point clouds instead (`PointD
     data: {kind: modelnet40, root: data/modelnet40_ply_hdf5_2048, num_points: 1024, augment: [scale_translate]}
     method: {name: idpt}
 
-The loop reuses the classifier trainer's pieces (epoch loop, evaluation, checkpoints, metrics log,
-optimizer, schedule); it differs in building the model and data, and in dropping the last
-incomplete training batch (the BatchNorm heads of IDPT / Point-MAE need batches of 2 or more), as
-the official loaders do.
+`train_pointcloud` builds the model and data and hands them to the classifier trainer
+(`petl_vision.train.trainer.train`), dropping the last incomplete training batch (the BatchNorm
+heads of IDPT / Point-MAE need batches of 2 or more), as the official loaders do.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch.nn as nn
 import yaml
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
-from torch.utils.data import DataLoader
+from accelerate.utils import set_seed
 
-import petl_vision as pv
 from petl_vision.data.pointcloud import AUGMENTATIONS, build_point_datasets
 
-from .config import ConfigError, TrainConfig, _build, apply_override, from_dict, merge_dicts, read_yaml, to_dict
+from .config import ConfigError, TrainConfig, apply_override, coerce, from_dict, merge_dicts, read_yaml
 from .model import build_model
-from .optim import build_optimizer, build_scheduler
-from .tracking import MetricsLog
-from .trainer import TrainState, evaluate, find_checkpoint, save_checkpoint, save_merged, train_one_epoch
+from .trainer import train
 
 POINT_MODELS = ("point_mae", "point_bert")
 
@@ -74,7 +67,8 @@ def load_point_config(path: str | Path | None = None, overrides: list[str] | tup
     unknown = sorted(set(data_raw) - names)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {['data.' + k for k in unknown]}; valid: {sorted('data.' + n for n in names)}")
-    data = _build(PointDataConfig, data_raw, source, "data.")
+    hints = typing.get_type_hints(PointDataConfig)
+    data = PointDataConfig(**{k: coerce(v, hints[k], source, f"data.{k}") for k, v in data_raw.items()})
     bad = [a for a in data.augment if a not in AUGMENTATIONS]
     if bad:
         raise ConfigError(f"{source}: data.augment {bad} not among {list(AUGMENTATIONS)}")
@@ -93,66 +87,12 @@ def build_point_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     return build_model(cfg, num_classes)
 
 
-def train_pointcloud(cfg: PointTrainConfig, resume: str | Path | bool | None = None) -> dict:
+def train_pointcloud(cfg: PointTrainConfig, resume: str | Path | bool | None = None, stop_after_epoch: int | None = None) -> dict:
     """Train cfg.train.method on a point-cloud task; returns the classifier trainer's result dict."""
     tc = cfg.train
-    accelerator = Accelerator(
-        mixed_precision=tc.mixed_precision,
-        gradient_accumulation_steps=tc.grad_accum_steps,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=tc.seed),
-    )
-    set_seed(tc.seed)
-    out = Path(tc.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        record = {**to_dict(tc), "data": dataclasses.asdict(cfg.data)}
-        (out / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
-
+    set_seed(tc.seed)  # the backbone's random initialisation follows the seed
     train_ds, eval_ds, data_classes = build_point_datasets(cfg.data)
     num_classes = tc.num_classes or data_classes
     model = build_point_model(tc, num_classes)
-    pv.apply(model, tc.method.name, **tc.method.overrides)
-    counts = pv.summary(model)
-    accelerator.print(counts)
-
-    train_loader = DataLoader(train_ds, tc.batch_size, shuffle=True, drop_last=len(train_ds) > tc.batch_size, num_workers=tc.num_workers)
-    eval_loader = DataLoader(eval_ds, tc.eval_batch_size or 2 * tc.batch_size, num_workers=tc.num_workers)
-    steps_per_epoch = math.ceil(len(train_loader) / tc.grad_accum_steps)
-    optimizer = build_optimizer(model, tc.optim, tc.batch_size * tc.grad_accum_steps * accelerator.num_processes)
-    scheduler = build_scheduler(optimizer, tc.sched, tc.epochs, steps_per_epoch)
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, eval_loader, scheduler)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    log = MetricsLog(out, enabled=accelerator.is_main_process)
-    if resume:
-        ckpt = find_checkpoint(out if resume is True else resume)
-        accelerator.load_state(str(ckpt))
-        log.truncate_after(state.epoch)
-
-    show_bar = tc.progress and sys.stderr.isatty() and accelerator.is_local_main_process
-    criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
-    history, ckpt_dir = [], None
-    for epoch in range(state.epoch, tc.epochs):
-        train_loader.set_epoch(epoch)
-        stats = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, accelerator, tc, state, epoch, show_bar)
-        stats.update(evaluate(model, eval_loader, accelerator, num_classes))
-        state.epoch = epoch + 1
-        record = {"epoch": state.epoch, "step": state.step, **stats}
-        history.append(record)
-        log.log(record)
-        accelerator.print(f"epoch {state.epoch}/{tc.epochs}  loss {record['train_loss']:.4f}  top1 {record['top1']:.2f}  ({record['epoch_time']:.1f}s)")
-        ckpt_dir = save_checkpoint(accelerator, out, state.epoch, tc.keep_checkpoints)
-    log.close()
-
-    unwrapped = accelerator.unwrap_model(model)
-    result = {
-        "metrics": history[-1] if history else {}, "history": history, "model": unwrapped,
-        "trainable_params": counts.trainable, "total_params": counts.total, "output_dir": str(out),
-        "adapter_dir": None, "merged_path": None, "checkpoint_dir": str(ckpt_dir) if ckpt_dir else None,
-    }
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        result["adapter_dir"] = str(pv.save_adapter(unwrapped, out / "adapter"))
-        if tc.merge:
-            result["merged_path"] = save_merged(unwrapped, out / "merged.safetensors")
-    return result
+    return train(tc, resume, stop_after_epoch, model=model, data=(train_ds, eval_ds, num_classes),
+                 drop_last=len(train_ds) > tc.batch_size, config_record={"data": dataclasses.asdict(cfg.data)})

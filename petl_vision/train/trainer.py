@@ -1,6 +1,12 @@
-"""Training loop on HF Accelerate: build, adapt, train, evaluate, checkpoint, resume, save."""
+"""Training loop on HF Accelerate: build, adapt, train, evaluate, checkpoint, resume, save.
+
+`train` builds a timm classifier and its data from the config, or trains a model and data it is
+given (the CLIP and point-cloud trainers build theirs and call it). Every applied method takes part
+through its training hooks (`MethodHooks`): extra loss terms, its own backward, per-step updates.
+"""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import re
@@ -18,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import petl_vision as pv
+from petl_vision.core.registry import TrainStep, applied_methods, get_method
 from petl_vision.core.state import get_state
 from petl_vision.data import build_datasets
 from petl_vision.methods import lst as lst_method
@@ -59,40 +66,68 @@ def _epoch_of(path: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
-def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_epoch: int | None = None) -> dict:
-    """Train `cfg.method` on `cfg.model` and return a result dict.
+def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_epoch: int | None = None, *,
+          model: nn.Module | None = None, data: tuple | None = None, drop_last: bool = False,
+          baseline: str | None = None, config_record: dict | None = None) -> dict:
+    """Train `cfg.method` on `cfg.model` (or on the given model and data) and return a result dict.
 
     resume: a checkpoint dir, an output dir (its latest checkpoint), or True for `cfg.output_dir`.
         Model, optimizer, scheduler, RNG states and the epoch counter are restored; the sampler is
         seeded per epoch, so the result equals an uninterrupted run.
     stop_after_epoch: stop (as if interrupted) after that epoch's checkpoint; for tests.
-    Result keys: metrics (last epoch), history, model (unwrapped, adapted), trainable_params,
-    total_params, output_dir, adapter_dir, merged_path, checkpoint_dir, stopped_early.
+    model: the host to train, before `cfg.method` is applied (default: `build_model(cfg)`, after
+        seeding). A caller building it seeds first (`set_seed(cfg.seed)`): train() then does not
+        seed again, so the run draws the same random numbers as with a model train() builds.
+    data: (train_ds, eval_ds, num_classes), transforms set; needed with `model` (default:
+        `build_datasets(cfg.data, ...)`). Batches are (inputs, targets).
+    drop_last: drop the last incomplete training batch (BatchNorm heads need 2+ samples).
+    baseline: evaluate the model before the method is applied, print it under this name
+        ("zero-shot: top1 ...") and return it as result["baseline"].
+    config_record: top-level sections written to config.yaml over the TrainConfig's (a trainer's own
+        `data` section, ...).
+    Every applied method's training hooks run (`Method.extra_loss`, `backward`, `on_step`,
+    `epoch_metrics`; see petl_vision.core.registry).
+    Result keys: metrics (last epoch; an evaluation when no epoch ran), history, model (unwrapped,
+    adapted), trainable_params, total_params, output_dir, adapter_dir, merged_path, checkpoint_dir,
+    stopped_early, baseline.
     """
+    if (model is None) != (data is None):
+        raise ValueError("train: pass `model` and `data` together (or neither, to build them from cfg)")
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
-    set_seed(cfg.seed)
+    built = model is None
+    if built:
+        set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (out / "config.yaml").write_text(yaml.safe_dump({**to_dict(cfg), **(config_record or {})}, sort_keys=False))
 
-    model = build_model(cfg)
-    train_ds, eval_ds, num_classes = build_datasets(cfg.data, model, cfg.num_classes)
-    if getattr(model, "num_classes", num_classes) != num_classes:
-        model.reset_classifier(num_classes)
-    pv.apply(model, cfg.method.name, **cfg.method.overrides)
+    if built:
+        model = build_model(cfg)
+        train_ds, eval_ds, num_classes = build_datasets(cfg.data, model, cfg.num_classes)
+        if getattr(model, "num_classes", num_classes) != num_classes:
+            model.reset_classifier(num_classes)
+    else:
+        train_ds, eval_ds, num_classes = data
+    method_config = pv.make_config(cfg.method.name, **cfg.method.overrides)
+    reference = None  # frozen copy before the method: the baseline, and a backward-owning method's reference
+    if baseline is not None or get_method(method_config.name).owns_backward(method_config):
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    pv.apply(model, method_config)
     counts = pv.summary(model)
+    accelerator.print(counts)
 
-    cache = None  # side networks (lst, unipt) on data without augmentation, one process
-    if cfg.feature_cache and not cfg.data.augment and uses_side_network(model) and accelerator.num_processes == 1:
+    cache = None  # side networks (lst, unipt) on data without augmentation, one process, images not needed
+    if (built and cfg.feature_cache and not cfg.data.augment and uses_side_network(model) and accelerator.num_processes == 1
+            and not any(method.owns_backward(config) for method, config in applied_methods(model))):
         cache = FeatureCache(out / "feature_cache", cache_key(model, train_ds), len(train_ds))
         accelerator.print(f"feature cache: {cache.status} ({cache.directory})")
         train_ds = IndexedDataset(train_ds)  # batches (indices, images, targets)
-    train_loader = DataLoader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers)
+    train_loader = DataLoader(train_ds, cfg.batch_size, shuffle=True, drop_last=drop_last, num_workers=cfg.num_workers)
     eval_loader = DataLoader(eval_ds, cfg.eval_batch_size or 2 * cfg.batch_size, num_workers=cfg.num_workers)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
     effective_batch = cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes
@@ -101,6 +136,14 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
+    baseline_metrics = None
+    if reference is not None:
+        reference.to(accelerator.device)
+    if baseline is not None:
+        baseline_metrics = evaluate(reference, eval_loader, accelerator, num_classes)
+        accelerator.print(f"{baseline}: top1 {baseline_metrics['top1']:.2f}")
+    hooks = MethodHooks(accelerator.unwrap_model(model), cfg.epochs * steps_per_epoch, reference, cfg.seed)
+    del reference  # kept by `hooks` only when a method owns the backward
     if lst_method.needs_data_init(accelerator.unwrap_model(model)) and not resume:
         batches = ((b[-2], b[-1]) for b in train_loader)  # (images, targets), with or without indices
         lst_method.init_side_from_backbone(accelerator.unwrap_model(model), loader=batches)
@@ -122,8 +165,9 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
             cached = DataLoader(cache.dataset(), cfg.batch_size, shuffle=True, num_workers=cfg.num_workers)
             loader = accelerator.prepare_data_loader(cached)
         loader.set_epoch(epoch)
-        stats = train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator, cfg, state, epoch, show_bar, cache)
+        stats = train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator, cfg, state, epoch, show_bar, cache, hooks=hooks)
         stats.update(evaluate(model, eval_loader, accelerator, num_classes))
+        stats.update(hooks.epoch_metrics())
         state.epoch = epoch + 1
         record = {"epoch": state.epoch, "step": state.step, **stats}
         history.append(record)
@@ -141,7 +185,7 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
 
     unwrapped = accelerator.unwrap_model(model)
     result = {
-        "metrics": history[-1] if history else {},
+        "metrics": history[-1] if history else evaluate(model, eval_loader, accelerator, num_classes),
         "history": history,
         "model": unwrapped,
         "trainable_params": counts.trainable,
@@ -151,6 +195,7 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
         "merged_path": None,
         "checkpoint_dir": str(ckpt_dir) if ckpt_dir else None,
         "stopped_early": stopped_early,
+        "baseline": baseline_metrics,
     }
     if stopped_early:
         return result
@@ -163,9 +208,67 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
     return result
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator, cfg, state, epoch, show_bar, cache=None) -> dict:
+class MethodHooks:
+    """The training hooks of every method applied to `model` (see `Method.extra_loss` and the rest).
+
+    model: the unwrapped, adapted model. total_steps: optimizer steps of the whole run. reference:
+    frozen copy made before the method was applied (handed to a backward-owning method). seed: the run's.
+    """
+
+    def __init__(self, model: nn.Module, total_steps: int, reference: nn.Module | None = None, seed: int = 0):
+        self.model, self.total_steps, self.seed = model, total_steps, seed
+        self.methods = applied_methods(model)
+        owners = [(m, c) for m, c in self.methods if m.owns_backward(c)]
+        if len(owners) > 1:
+            raise ValueError(f"methods {[m.name for m, _ in owners]} each compute the gradients themselves; apply only one of them")
+        self.owner = owners[0] if owners else None
+        self.reference = reference if self.owner is not None else None
+
+    def loss(self, task_loss: torch.Tensor) -> torch.Tensor:
+        """`task_loss` plus every method's extra loss (0-dim)."""
+        for method, config in self.methods:
+            extra = method.extra_loss(self.model, config)
+            if extra is not None:
+                task_loss = task_loss + extra
+        return task_loss
+
+    def sync_context(self, accelerator: Accelerator, model: nn.Module):
+        """No gradient synchronisation when a method computes the gradients (see `average_gradients`)."""
+        return accelerator.no_sync(model) if self.owner is not None else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, inputs, outputs: torch.Tensor, step: int, backward) -> None:
+        """`backward(loss)`, or the owning method's `backward`."""
+        if self.owner is None:
+            backward(loss)
+            return
+        method, config = self.owner
+        method.backward(self.model, config, loss, TrainStep(inputs, outputs, step, self.seed, backward, self.reference))
+
+    def average_gradients(self, accelerator: Accelerator) -> None:
+        """Mean of the gradients across processes, when a method computed them without synchronisation."""
+        if self.owner is None or accelerator.num_processes == 1:
+            return
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
+
+    def on_step(self, optimizer, step: int) -> None:
+        for method, config in self.methods:
+            method.on_step(self.model, config, optimizer, step, self.total_steps)
+
+    def epoch_metrics(self) -> dict:
+        metrics = {}
+        for method, config in self.methods:
+            metrics.update(method.epoch_metrics(self.model, config))
+        return metrics
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator, cfg, state, epoch, show_bar, cache=None, *,
+                    hooks: MethodHooks) -> dict:
     """One pass over `loader`; returns train_loss (mean over batches), lr, epoch_time, images_per_s.
 
+    The loss is criterion(logits, targets) plus the applied methods' extra losses; `hooks` runs
+    them, the backward and the per-step updates.
     cache: a side network's FeatureCache; batches then come from an IndexedDataset (filling it) or
     from the complete cache (no backbone).
     """
@@ -174,22 +277,26 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator,
     start = time.perf_counter()
     bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show_bar, leave=False)
     for batch in loader:
-        with accelerator.accumulate(model):
+        with accelerator.accumulate(model), hooks.sync_context(accelerator, model):
             if cache is not None:
                 with accelerator.autocast():
                     logits, targets = logits_with_cache(accelerator.unwrap_model(model), batch, cache)
+                inputs = None
             else:
                 inputs, targets = batch
                 logits = model(inputs)
-            loss = criterion(logits, targets)
-            accelerator.backward(loss)
+            loss = hooks.loss(criterion(logits.float(), targets))
+            hooks.backward(loss, inputs, logits, state.step, accelerator.backward)
             if accelerator.sync_gradients:
+                hooks.average_gradients(accelerator)
                 if cfg.clip_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
                 state.step += 1
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            hooks.on_step(optimizer, state.step)
         loss_sum += loss.detach()
         batches += 1
         images += targets.shape[0] * accelerator.num_processes
