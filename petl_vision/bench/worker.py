@@ -174,6 +174,8 @@ def measure(spec: dict) -> dict:
         "mergeable": mergeable,
         "infer_ms": _ms(infer_times),
         "infer_merged_ms": None if merged_times is None else _ms(merged_times),
+        "infer_ms_all": [1000.0 * t for t in infer_times],
+        "infer_merged_ms_all": None if merged_times is None else [1000.0 * t for t in merged_times],
         "merge_max_abs_diff": diff,
     }
 
