@@ -9,11 +9,12 @@ k selected) the method keeps, in ``model.petl.sara.<parameter name>``:
 - ``fixed_indices`` / ``fixed_values`` / ``fixed_base`` (m,): entries trained before a progressive
   re-selection and no longer selected; they keep their learned values, frozen.
 
-Unstructured backpropagation (the paper's memory trick, as the official optimizer does it): W is
-registered with ``torch.nn.utils.parametrize``; every access writes the values into W's storage in
-place and returns W itself, whose backward gathers the dense gradient at the k positions. So the
-host's forward is unchanged, no dense copy of W is made, and gradients and optimizer state exist
-for the k values only. Everything outside the selection stays bit-identical.
+Unstructured backpropagation (the paper's memory trick, as the official optimizer does it; the
+mechanism lives in `_sparse`): W is registered with ``torch.nn.utils.parametrize``; every access
+writes the values into W's storage in place and returns W itself, whose backward gathers the dense
+gradient at the k positions. So the host's forward is unchanged, no dense copy of W is made, and
+gradients and optimizer state exist for the k values only. Everything outside the selection stays
+bit-identical.
 
 The classifier head of a timm model is not sparsified: it trains fully (`train_head`), as with the
 other methods. `merge` writes the values into W and removes the parametrizations (a plain model with
@@ -22,7 +23,6 @@ the original state_dict keys); `unload` restores the base weights instead.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 
 import torch
@@ -34,9 +34,11 @@ from ..core.errors import AdapterMismatchError, UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state, host_modules
 from ..hosts import classifier_modules, unfreeze_head
+from ._sparse import (
+    _TENSORS, SparseDelta, _drop_empty, _gather, _index_dtype, _lookup, _Parametrization, _resize_before_load,
+    _swap_parameter, named_deltas,
+)
 from ._wrap import WrapperLayer
-
-_TENSORS = ("values", "indices", "base", "fixed_indices", "fixed_values", "fixed_base")
 
 
 @dataclasses.dataclass
@@ -97,87 +99,11 @@ def select_entries(weight: torch.Tensor, config: SaRAConfig) -> torch.Tensor:
     return idx.to(_index_dtype(weight))
 
 
-def _index_dtype(weight: torch.Tensor) -> torch.dtype:
-    return torch.int32 if weight.numel() < 2**31 else torch.int64  # int32 halves the index memory
-
-
-def _gather(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return weight.detach().reshape(-1)[idx]
-
-
-def _put(data: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
-    """data.flatten()[idx] = values, in place (also for non-contiguous data, e.g. channels_last)."""
-    if data.is_contiguous():
-        data.view(-1)[idx] = values.to(data.dtype)
-    else:
-        data[torch.unravel_index(idx.long(), data.shape)] = values.to(data.dtype)
-
-
-class _SparseWeight(torch.autograd.Function):
-    """Returns W (already holding the values) as is; backward: dL/dvalues = dL/dW.flatten()[indices]."""
-
-    @staticmethod
-    def forward(ctx, values, weight, indices):
-        ctx.save_for_backward(indices)
-        return weight
-
-    @staticmethod
-    def backward(ctx, grad):
-        (indices,) = ctx.saved_tensors
-        return grad.reshape(-1)[indices], None, None
-
-
-class SparseDelta(nn.Module):
-    """The sparse update of one host tensor of shape `shape` (see the module docstring for tensors)."""
-
-    def __init__(self, shape, values, indices, base, fixed=None):
-        super().__init__()
-        self.shape = tuple(shape)
-        self.values = nn.Parameter(values)
-        self.register_buffer("indices", indices)
-        self.register_buffer("base", base)
-        fixed = fixed or (indices[:0], base[:0], base[:0])
-        for name, tensor in zip(("fixed_indices", "fixed_values", "fixed_base"), fixed):
-            self.register_buffer(name, tensor.clone())
-
-    @classmethod
-    def select(cls, weight: torch.Tensor, config: SaRAConfig) -> "SparseDelta":
-        idx = select_entries(weight, config)
-        base = _gather(weight, idx).clone()
-        return cls(weight.shape, base.clone(), idx, base)
-
-    @torch.no_grad()
-    def write(self, weight: torch.Tensor, restore: bool = False) -> None:
-        """Write the values (or, with restore, the base) into `weight` in place.
-
-        Through `.data`, so the version counter does not move: graphs that saved W from an earlier
-        forward stay valid (the write only changes W when the optimizer changed the values).
-        """
-        data = weight.data
-        _put(data, self.fixed_indices, self.fixed_base if restore else self.fixed_values)
-        _put(data, self.indices, self.base if restore else self.values)
-
-    def dense_update(self, values: torch.Tensor) -> torch.Tensor:
-        """The update W - W_base, dense, of shape `shape`; differentiable w.r.t. `values`."""
-        flat = torch.zeros(math.prod(self.shape), dtype=values.dtype, device=values.device)
-        flat = flat.index_put((self.fixed_indices.long(),), self.fixed_values - self.fixed_base)
-        return flat.index_put((self.indices.long(),), values - self.base).view(self.shape)
-
-    def extra_repr(self) -> str:
-        return f"shape={self.shape}, selected={self.values.numel()}, fixed={self.fixed_indices.numel()}"
-
-
-class _Parametrization(nn.Module):
-    """Registered on the host tensor; holds its SparseDelta outside the module tree (kept in petl.sara)."""
-
-    def __init__(self, delta: SparseDelta):
-        super().__init__()
-        self._delta = [delta]
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        delta = self._delta[0]
-        delta.write(weight)
-        return _SparseWeight.apply(delta.values, weight, delta.indices)
+def select_delta(weight: torch.Tensor, config: SaRAConfig) -> SparseDelta:
+    """A SparseDelta over the entries `select_entries` picks; values and base (k,) start at W there."""
+    idx = select_entries(weight, config)
+    base = _gather(weight, idx).clone()
+    return SparseDelta(weight.shape, base.clone(), idx, base)
 
 
 class SaRAModule(nn.Module):
@@ -200,29 +126,7 @@ class SaRAModule(nn.Module):
 
     def deltas(self) -> dict[str, SparseDelta]:
         """Host parameter name -> its SparseDelta."""
-        return {n: m for n, m in self.named_modules() if isinstance(m, SparseDelta)}
-
-
-def _drop_empty(module, state_dict, prefix, local_metadata) -> None:
-    """state_dict post-hook: leave out empty tensors (no fixed entries yet, ...). Empty tensors all
-    share the null storage, which safetensors checkpoints (accelerate) treat as shared and drop."""
-    for key in [k for k, v in state_dict.items() if k.startswith(prefix) and v.numel() == 0]:
-        del state_dict[key]
-
-
-def _resize_before_load(module, state_dict, prefix, *args) -> None:
-    """load_state_dict pre-hook: give every tensor the incoming shape (the selection may differ,
-    e.g. when resuming a run checkpointed after a re-selection); a tensor of a delta in the
-    incoming dict but missing there was empty (see `_drop_empty`)."""
-    for name, delta in module.deltas().items():
-        keys = {t: f"{prefix}{name}.{t}" for t in _TENSORS}
-        if not any(k in state_dict for k in keys.values()):
-            continue
-        for tensor_name, key in keys.items():
-            current = getattr(delta, tensor_name)
-            incoming = state_dict.setdefault(key, current.new_zeros(0).detach())
-            if incoming.shape != current.shape:
-                current.data = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
+        return named_deltas(self)
 
 
 def eligible_parameters(model: nn.Module, config: SaRAConfig, frozen_only: bool = True) -> list[tuple[str, nn.Module, str]]:
@@ -277,7 +181,7 @@ class SaRA(Method):
         targets = eligible_parameters(model, config)
         deltas = {}
         for name, owner, attr in targets:
-            delta = SparseDelta.select(getattr(owner, attr), config)
+            delta = select_delta(getattr(owner, attr), config)
             if delta.values.numel():
                 deltas[name] = delta
         if not deltas:
@@ -479,30 +383,3 @@ def reselect(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -
         totals["kept"] += int(kept.sum())
         totals["fixed"] += int(still_fixed.sum())
     return totals
-
-
-def _swap_parameter(model, optimizer, old: nn.Parameter, new: nn.Parameter, kept: torch.Tensor, pos_old: torch.Tensor) -> None:
-    """Put `new` where `old` was: in the optimizer (state entries of kept positions carried over,
-    per-entry tensors only; scalars like Adam's step kept) and in petl_vision's bookkeeping."""
-    if optimizer is not None:
-        for group in optimizer.param_groups:
-            group["params"] = [new if p is old else p for p in group["params"]]
-        state = optimizer.state.pop(old, None)
-        if state is not None:
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.shape == old.shape and value.dim() == 1:
-                    fresh = value.new_zeros(new.shape)
-                    fresh[kept] = value[pos_old[kept]]
-                    state[key] = fresh
-            optimizer.state[new] = state
-    state = get_state(model) or get_state(model.module)
-    for applied in state.applied:
-        applied.added = [new if p is old else p for p in applied.added]
-
-
-def _lookup(sorted_idx: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(found (q,) bool, position (q,)) of each query in the sorted 1-D `sorted_idx`."""
-    if sorted_idx.numel() == 0:
-        return torch.zeros_like(query, dtype=torch.bool), torch.zeros_like(query)
-    pos = torch.searchsorted(sorted_idx, query).clamp(max=sorted_idx.numel() - 1)
-    return sorted_idx[pos] == query, pos
