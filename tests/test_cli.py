@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from petl_vision.train.cli import parse_training_args, training_parser
-from petl_vision.train.config import ConfigError, apply_override, format_override, load_config, parse_override
+from petl_vision.train.config import (ConfigError, OptimConfig, apply_override, apply_section_override, build_section, format_override,
+                                      load_config, parse_override)
 from petl_vision.train.diffusion import load_diffusion_config
 from petl_vision.train.erase import load_erase_config
 
@@ -86,6 +87,30 @@ def test_train_config_overrides():
 def test_train_config_bad_overrides(item, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [item])
+
+
+def test_build_section_coerces_and_names_the_key():
+    optim = build_section(OptimConfig, {"lr": "1e-3", "betas": [0.8, 0.9]}, "c.yaml", "optim.")
+    assert (optim.lr, optim.betas, optim.name) == (1e-3, [0.8, 0.9], "adamw")
+    for values, message in [({"lr": "fast"}, r"c\.yaml: optim\.lr must be float, got 'fast'"),
+                            ({"lrate": 1}, r"c\.yaml: unknown key\(s\) \['optim\.lrate'\]; valid: \['optim\.betas'"),
+                            ("adamw", r"c\.yaml: 'optim' must be a mapping, got 'adamw'")]:
+        with pytest.raises(ConfigError, match=message):
+            build_section(OptimConfig, values, "c.yaml", "optim.")
+
+
+def test_section_overrides_of_a_trainer_with_its_own_sections():
+    sections = {"opt": OptimConfig}
+    raw = apply_section_override({"opt": {"name": "sgd"}}, "opt.lr=0.5", sections)
+    raw = apply_section_override(raw, "epochs=2", sections)  # not a section of its own: a TrainConfig key
+    assert raw == {"opt": {"name": "sgd", "lr": 0.5}, "epochs": 2}
+    for item, message in [("opt.lr=fast", r"override 'opt\.lr=fast': opt\.lr must be float"),
+                          ("opt.lrate=1", r"override 'opt\.lrate=1': unknown key\(s\) \['opt\.lrate'\]"),
+                          ("opt.lr.x=1", r"override 'opt\.lr\.x=1': 'opt\.lr' is not a section"),
+                          ("epoch=3", r"override 'epoch=3': unknown key 'epoch'"),
+                          ("opt.lr", r"override 'opt\.lr': expected key=value")]:
+        with pytest.raises(ConfigError, match=message):
+            apply_section_override({}, item, sections)
 
 
 def test_diffusion_overrides():

@@ -70,6 +70,15 @@ def test_config_loading_and_errors():
         load_clip_config(config, ["data.templates=pets"])
     with pytest.raises(ConfigError, match="grad_dropout_lambda must be in"):
         load_clip_config(config, ["method.grad_dropout_lambda=2"])
+    for item, message in [("data.shots=many", r"override 'data\.shots=many': data\.shots must be int, got 'many'"),
+                          ("clip.train_text=maybe", r"override 'clip\.train_text=maybe': clip\.train_text must be bool"),
+                          ("clip.tags=x", r"override 'clip\.tags=x': unknown key\(s\) \['clip\.tags'\]; valid: \['clip\.model_config'"),
+                          ("clip.tag.x=1", r"override 'clip\.tag\.x=1': 'clip\.tag' is not a section"),
+                          ("optim.lr=fast", r"override 'optim\.lr=fast': optim\.lr must be float")]:
+        with pytest.raises(ConfigError, match=message):
+            load_clip_config(config, [item])
+    cfg = load_clip_config(None, ["data.templates=['a photo of a {}.']", "data.crop_scale=[0.8, 1]", "clip.model_config="])
+    assert (cfg.data.templates, cfg.data.crop_scale, cfg.clip.model_config) == (["a photo of a {}."], [0.8, 1], None)
 
 
 def test_script_runs_16_shots_end_to_end(tmp_path, capsys):

@@ -112,6 +112,35 @@ def test_three_steps_sara_with_validation_and_resume(pipeline_dir, data_dir, tmp
     assert adapter.keys() == again.keys() and all(torch.equal(adapter[k], again[k]) for k in adapter)
 
 
+def test_sara_regulariser_and_reselection_run_through_the_method_hooks(pipeline_dir, data_dir, tmp_path, monkeypatch):
+    from petl_vision.methods.sara import SaRA
+
+    calls = []
+
+    def spy(hook):
+        original = getattr(SaRA, hook).__func__
+
+        def wrapped(cls, model, config, *args):
+            calls.append((hook, *args[-2:]) if hook == "on_step" else (hook,))
+            return original(cls, model, config, *args)
+        monkeypatch.setattr(SaRA, hook, classmethod(wrapped))
+
+    spy("extra_loss")
+    spy("on_step")
+    sara_args = ["--max-steps", "2", "method.threshold=0.01", "method.progressive_step=1", "method.rank_min_dim=8",
+                 "method.rank_weight=10"]
+    result = run_script(pipeline_dir, data_dir, tmp_path / "reg", *sara_args)
+    assert calls == [("extra_loss",), ("on_step", 1, 2), ("extra_loss",), ("on_step", 2, 2)]
+    adapter = load_file(tmp_path / "reg" / "adapter" / "adapter.safetensors")
+    assert any(k.endswith("fixed_indices") and v.numel() for k, v in adapter.items())  # re-selected after step 1
+    # The same run with the official defect: same regulariser value and random draws, but no gradient from it.
+    defect = run_script(pipeline_dir, data_dir, tmp_path / "defect", *sara_args, "method.official_regularizer_defect=true")
+    assert defect["losses"][0] == result["losses"][0]  # same first batch and weights
+    values = load_file(tmp_path / "defect" / "adapter" / "adapter.safetensors")
+    assert values.keys() == adapter.keys()
+    assert any(not torch.equal(adapter[k], values[k]) for k in adapter if k.endswith("values"))
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_other_methods(pipeline_dir, data_dir, tmp_path, method):
     result = run_script(pipeline_dir, data_dir, tmp_path, "--method", method, "--max-steps", "1")

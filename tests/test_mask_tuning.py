@@ -137,6 +137,79 @@ def test_composes_with_ssf_train_both_and_merge():
     assert list(merged.state_dict()) == list(make_host("vit").state_dict())
 
 
+def perturb_ssf(model, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "scale" in name or "shift" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def test_after_ssf_on_open_clip_masks_the_same_weights_and_merges():
+    alone = tiny_tower()
+    pv.apply(alone, "mask_tuning")
+    both = tiny_tower()
+    pv.apply(both, "ssf", train_head=False)
+    assert [n for n, _, _ in mt.find_targets(both, target_params="in_proj")] == [
+        f"transformer.resblocks.{i}.attn.in_proj_weight" for i in range(2)]  # not the parametrizations' own tensors
+    pv.apply(both, "mask_tuning")
+    names = [n for n, _ in mt.masks(alone)]
+    assert len(names) == 5  # conv1 + 2 x (in_proj_weight, out_proj.weight)
+    assert sorted(names) == sorted(n.replace(".base", "") for n, _ in mt.masks(both))  # conv1 is SSF-wrapped
+    assert pv.summary(both).added["mask_tuning"] == pv.summary(alone).added["mask_tuning"]
+    attn = both.transformer.resblocks[0].attn
+    assert [type(p).__name__ for p in attn.parametrizations.in_proj_weight] == ["RowScale", "BinaryMask"]
+    assert [type(p).__name__ for p in attn.out_proj.parametrizations.weight] == ["RowScale", "BinaryMask"]
+    set_scores(both)
+    perturb_ssf(both)
+    x = images()
+    expected = both(x)
+    masks = {n: (m.score > m.threshold) for n, m in mt.masks(both)}
+    w, scale = attn.parametrizations.in_proj_weight.original, attn.parametrizations.in_proj_bias[0].scale
+    hand = w * scale[:, None] * masks["transformer.resblocks.0.attn.in_proj_weight"]
+    torch.testing.assert_close(attn.in_proj_weight, hand, rtol=0, atol=0)
+    both.train()
+    both(x).sum().backward()
+    assert attn.parametrizations.in_proj_weight[1].score.grad.abs().sum() > 0  # both train
+    assert attn.parametrizations.in_proj_bias[0].scale.grad.abs().sum() > 0
+    both.eval()
+    merged = pv.merge(both)
+    assert list(merged.state_dict()) == list(tiny_tower().state_dict())
+    assert not any(parametrize.is_parametrized(m) for m in merged.modules())
+    assert torch.equal(merged.transformer.resblocks[0].attn.in_proj_weight, hand)
+    torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_deepcopy_keeps_the_ssf_wrapper_of_a_masked_layer():
+    model = make_host("vit")
+    pv.apply(model, "ssf")
+    pv.apply(model, "mask_tuning")
+    assert type(copy.deepcopy(model).blocks[0].attn.qkv) is type(model.blocks[0].attn.qkv)
+
+
+def test_after_ssf_on_the_attention_equals_a_hand_made_tower():
+    tower = tiny_tower()
+    pv.apply(tower, "ssf", target_modules=r"attn", train_head=False)  # only the fused in-projection and out_proj
+    pv.apply(tower, "mask_tuning")
+    set_scores(tower)
+    perturb_ssf(tower)
+    masks = {n: (m.score > m.threshold).float() for n, m in mt.masks(tower)}
+    hand = tiny_tower()
+    with torch.no_grad():
+        hand.conv1.weight.mul_(masks["conv1.weight"])
+        for i, (block, ref) in enumerate(zip(hand.transformer.resblocks, tower.transformer.resblocks)):
+            p = ref.attn.parametrizations
+            s, t = p.in_proj_bias[0].scale, p.in_proj_bias[0].shift
+            block.attn.in_proj_weight.mul_(s[:, None] * masks[f"transformer.resblocks.{i}.attn.in_proj_weight"])
+            block.attn.in_proj_bias.mul_(s).add_(t)
+            q = ref.attn.out_proj.parametrizations
+            s, t = q.bias[0].scale, q.bias[0].shift
+            block.attn.out_proj.weight.mul_(s[:, None] * masks[f"transformer.resblocks.{i}.attn.out_proj.weight"])
+            block.attn.out_proj.bias.mul_(s).add_(t)
+    x = images()
+    torch.testing.assert_close(tower(x), hand(x), atol=1e-5, rtol=1e-5)
+
+
 def test_gradient_dropout_formula_on_hand_made_gradients():
     a = torch.tensor([1.0, 1.0, 1.0, -2.0, 0.5])
     b = torch.tensor([1.0, -3.0, -1.0, 1.0, 0.0])

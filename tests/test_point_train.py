@@ -9,6 +9,7 @@ from accelerate.utils import set_seed
 
 import petl_vision as pv
 from petl_vision.data.pointcloud import SyntheticShapes
+from petl_vision.train.config import ConfigError
 from petl_vision.train.pointcloud import build_point_model, load_point_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +26,19 @@ def script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_config_overrides_of_the_data_section():
+    cfg = load_point_config(None, ["data.num_points=256", "data.augment=[jitter, rotate]", "data.noise=1e-2", "optim.lr=1.0e-3"])
+    assert (cfg.data.num_points, cfg.data.augment, cfg.data.noise, cfg.train.optim.lr) == (256, ["jitter", "rotate"], 0.01, 1e-3)
+    assert cfg.data.kind == "synthetic" and cfg.train.data.kind == "digits"  # `data` is the point section, not TrainConfig's
+    for item, message in [("data.num_points=many", r"override 'data\.num_points=many': data\.num_points must be int"),
+                          ("data.points=3", r"override 'data\.points=3': unknown key\(s\) \['data\.points'\]; valid: \['data\.augment'"),
+                          ("data.kind.x=1", r"override 'data\.kind\.x=1': 'data\.kind' is not a section"),
+                          ("epochs=2.5", r"override 'epochs=2\.5': epochs must be int"),
+                          ("data.augment=[spin]", r"config: data\.augment \['spin'\] not among")]:
+        with pytest.raises(ConfigError, match=message):
+            load_point_config(None, [item])
 
 
 @pytest.mark.parametrize("method", sorted(RUNS))

@@ -23,7 +23,7 @@ class WrapperLayer(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base":
+            if name == "base" or name.startswith("__"):  # dunders (__deepcopy__, ...) are the wrapper's own
                 raise
             return getattr(self.base, name)
 

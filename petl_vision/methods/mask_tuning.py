@@ -13,8 +13,10 @@ expression over parameter names) selects any Linear/Conv weight or raw weight in
 
 The mask is a `torch.nn.utils.parametrize` parametrization of the weight, so it works the same on
 Linear/Conv weights and on raw parameters that modules read directly (the fused in-projection,
-`out_proj.weight` that nn.MultiheadAttention reads without calling the Linear). `merge` bakes
-``W * mask`` into the weight and removes the parametrization: a plain model with the same keys.
+`out_proj.weight` that nn.MultiheadAttention reads without calling the Linear). Tensors SSF already
+parametrizes (its row scaling of those same raw weights) get the mask stacked on top: an elementwise
+mask commutes with scaling rows. `merge` bakes ``W * mask`` into the weight and removes the
+parametrization: a plain model with the same keys (under SSF: into the raw weight, SSF's merge follows).
 
 Training (the `MaskTuning` training hooks, used by every loop of `petl_vision.train`): loss = CE +
 `regularization_loss(model)` (1e-4 x the L2 norm of each score tensor, summed, as the official
@@ -38,7 +40,8 @@ from ..core.errors import UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state
 from ..hosts import unfreeze_head
-from ._wrap import select_targets
+from ._wrap import bake_parametrizations, select_targets
+from .ssf import RowScale
 
 
 @dataclasses.dataclass
@@ -117,13 +120,29 @@ _FUSED = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 _WRAPPER_SEGMENT = re.compile(r"\.(base|base_layer)(?=\.|$)")
 
 
+def _maskable(module: nn.Module):
+    """(attribute, raw tensor) of a module's plain parameters and of its tensors parametrized only by
+    SSF's RowScale (the mask commutes with it); tensors under other parametrizations are left out."""
+    yield from module.named_parameters(recurse=False)
+    for attr, plist in _parametrizations(module).items():
+        if all(isinstance(p, RowScale) for p in plist):
+            yield attr, plist.original
+
+
 def _weights(model: nn.Module):
-    """(parameter name, module, attribute) of every 2+-dim parameter outside the head."""
-    for module_name, module in select_targets(model, lambda m: not isinstance(m, BinaryMask)):
+    """(parameter name, module, attribute) of every 2+-dim weight outside the head (see `_maskable`)."""
+    for module_name, module in select_targets(model, lambda m: True):
+        if "parametrizations" in module_name.split("."):  # parametrizations' own modules
+            continue
         prefix = f"{module_name}." if module_name else ""
-        for attr, param in module.named_parameters(recurse=False):
+        for attr, param in _maskable(module):
             if param.ndim >= 2 and param.is_floating_point():
                 yield prefix + attr, module, attr
+
+
+def _raw(module: nn.Module, attr: str) -> torch.Tensor:
+    """The stored tensor `attr` of `module`: the parameter, or a parametrization's `original`."""
+    return module.parametrizations[attr].original if parametrize.is_parametrized(module, attr) else getattr(module, attr)
 
 
 def _is_default_target(module: nn.Module, module_name: str, attr: str, mask_mlp: bool) -> bool:
@@ -289,7 +308,7 @@ def rank_by_gradient(model: nn.Module, batches, loss_fn=None, target_params: str
     if not candidates:
         raise ValueError(f"rank_by_gradient: no candidate weights in {type(model).__name__} (target_params={target_params!r})")
     names = [name for name, _, _ in candidates]
-    params = [getattr(module, attr) for _, module, attr in candidates]
+    params = [_raw(module, attr) for _, module, attr in candidates]
     flags = [p.requires_grad for p in params]
     totals = [0.0] * len(params)
     try:
@@ -317,18 +336,6 @@ def select_by_gradient(model: nn.Module, batches, fraction: float, loss_fn=None,
     return "^(" + "|".join(re.escape(name) for name in sorted(keep)) + ")$"
 
 
-def _own_class(module: nn.Module) -> None:
-    """Give a parametrized module a class of its own before removing parametrizations from it.
-
-    torch's parametrized class ("ParametrizedLinear") is shared by deep copies of the module, and
-    removing a parametrization deletes the weight's property from that class: without this, merging
-    a deep copy (as the trainer's save_merged does) would break the original.
-    """
-    cls = type(module)
-    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
-
-
 # --------------------------------------------------------------------------- the method
 
 
@@ -352,27 +359,26 @@ class MaskTuning(Method):
         if not targets:
             raise UnsupportedHostError(f"mask_tuning: target_params={config.target_params!r} matches no weight of {type(model).__name__}")
         for _, module, attr in targets:
-            weight = getattr(module, attr)
-            order = tuple(module._parameters)
-            mask = BinaryMask(weight.detach(), config.score_init, config.threshold, order)
+            mask = BinaryMask(_raw(module, attr).detach(), config.score_init, config.threshold, tuple(module._parameters))
             parametrize.register_parametrization(module, attr, mask)
         if config.train_head:
             unfreeze_head(model, cls.name)
 
     @classmethod
+    @torch.no_grad()
     def merge(cls, model: nn.Module, config: MaskTuningConfig) -> None:
         for module in list(model.modules()):
-            if _parametrizations(module):
-                _own_class(module)
+            alone = {}  # attribute -> its mask, for tensors the mask is the only parametrization of
             for attr, plist in _parametrizations(module).items():
-                if len(plist) != 1 or not isinstance(plist[0], BinaryMask):
+                if not isinstance(plist[-1], BinaryMask):
                     continue
-                order = plist[0].param_order
-                with torch.no_grad():
-                    parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
-                for key in order:  # remove_parametrizations re-registers the weight last
-                    if key in module._parameters:
-                        module._parameters[key] = module._parameters.pop(key)
+                if len(plist) == 1:
+                    alone[attr] = plist[0]
+                else:  # on top of SSF's RowScale, which commutes with it: mask the raw weight
+                    plist.original.mul_(plist[-1].mask().to(plist.original.dtype))
+                    del plist[-1]
+            if alone:
+                bake_parametrizations(module, list(alone), next(iter(alone.values())).param_order)
 
     # ---- training hooks (see petl_vision.core.registry.Method)
 

@@ -19,12 +19,10 @@ dropout against the KL to that frozen zero-shot classifier. The tuned accuracy i
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from accelerate import PartialState
 from accelerate.utils import set_seed
 
@@ -33,7 +31,7 @@ from petl_vision.clip.zero_shot import resolve_templates
 from petl_vision.data.build import image_folders
 from petl_vision.methods import mask_tuning
 
-from .config import ConfigError, TrainConfig, apply_override, coerce, from_dict, merge_dicts, read_yaml
+from .config import ConfigError, TrainConfig, apply_section_override, build_section, from_dict, read_yaml
 from .trainer import train
 
 
@@ -59,6 +57,9 @@ class CLIPModelConfig:
     train_text: bool = False  # the head's class embeddings are trained by methods with train_head
 
 
+CLIP_SECTIONS = {"data": CLIPDataConfig, "clip": CLIPModelConfig}  # the sections a CLIP config adds to TrainConfig's
+
+
 @dataclass
 class CLIPTrainConfig:
     train: TrainConfig  # everything outside `data` and `clip` (its own `data` section is unused)
@@ -71,29 +72,14 @@ def load_clip_config(path: str | Path | None = None, overrides: list[str] | tupl
     source = str(path) if path is not None else "config"
     raw = read_yaml(path, train_keys=False) if path is not None else {}
     for item in overrides:
-        key, _, text = item.partition("=")
-        section = key.split(".", 1)[0]
-        if section in ("data", "clip") and "." in key and "=" in item:
-            raw = merge_dicts(raw, {section: {key.split(".", 1)[1]: yaml.safe_load(text) if text.strip() else None}})
-        else:
-            raw = apply_override(raw, item)  # checks the key against TrainConfig
-    sections = {}
-    for name, cls in (("data", CLIPDataConfig), ("clip", CLIPModelConfig)):
-        values = dict(raw.pop(name, None) or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {[f'{name}.{k}' for k in unknown]}; valid: {sorted(f'{name}.{n}' for n in names)}")
-        templates = values.pop("templates", "default") if cls is CLIPDataConfig else None
-        hints = typing.get_type_hints(cls)
-        sections[name] = cls(**{k: coerce(v, hints[k], source, f"{name}.{k}") for k, v in values.items()})
-        if cls is CLIPDataConfig:
-            try:
-                resolve_templates(templates)
-            except ValueError as e:
-                raise ConfigError(f"{source}: data.templates: {e}") from None
-            sections[name].templates = templates
-    return CLIPTrainConfig(train=from_dict(raw, source), **sections)
+        raw = apply_section_override(raw, item, CLIP_SECTIONS)
+    data = build_section(CLIPDataConfig, raw.pop("data", None) or {}, source, "data.")
+    clip = build_section(CLIPModelConfig, raw.pop("clip", None) or {}, source, "clip.")
+    try:
+        resolve_templates(data.templates)
+    except ValueError as e:
+        raise ConfigError(f"{source}: data.templates: {e}") from None
+    return CLIPTrainConfig(train=from_dict(raw, source), data=data, clip=clip)
 
 
 def build_clip_classifier(cfg: CLIPTrainConfig, class_names: list[str]) -> CLIPClassifier:

@@ -265,7 +265,7 @@ def from_dict(raw: dict, source: str = "config") -> TrainConfig:
             name = method.pop("name", MethodSection.name)
             kwargs["method"] = MethodSection(name=coerce(name, str, source, "method.name"), overrides=method)
         elif f.name in SECTIONS:
-            kwargs[f.name] = _build(SECTIONS[f.name], value, source, f.name + ".")
+            kwargs[f.name] = build_section(SECTIONS[f.name], value, source, f.name + ".")
         else:
             kwargs[f.name] = coerce(value, _hints(TrainConfig)[f.name], source, f.name)
     cfg = TrainConfig(**kwargs)
@@ -326,13 +326,50 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def _build(cls, values: dict, source: str, prefix: str):
+def build_section(cls, values: dict, source: str, prefix: str = ""):
+    """`cls(**values)` for a config dataclass, each value coerced to its field's type.
+
+    ConfigError naming `source` and the dotted key (`prefix` + field, e.g. "data.shots") for an
+    unknown field or a value of the wrong type.
+    """
+    return cls(**_section_values(cls, values, source, prefix))
+
+
+def _section_values(cls, values: dict, source: str, prefix: str) -> dict:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.')!r} must be a mapping, got {values!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {[prefix + k for k in unknown]}; valid: {sorted(prefix + n for n in names)}")
     hints = _hints(cls)
-    return cls(**{k: coerce(v, hints[k], source, prefix + k) for k, v in values.items()})
+    return {k: coerce(v, hints[k], source, prefix + k) for k, v in values.items()}
+
+
+def apply_section_override(raw: dict, item: str, sections: dict[str, type]) -> dict:
+    """`raw` with one override merged in, for trainers whose configs add sections of their own.
+
+    sections: section name -> config dataclass (e.g. {"data": PointDataConfig}). `<section>.<field>=value`
+    is checked and coerced against that dataclass; any other key is a TrainConfig override
+    (`apply_override`). ConfigError naming the override for an unknown key or a wrong type.
+    """
+    path, value = parse_override(item)
+    if path[0] not in sections or len(path) == 1:
+        return apply_override(raw, item)
+    source = f"override {item!r}"
+    if len(path) > 2:
+        raise ConfigError(f"{source}: '{'.'.join(path[:2])}' is not a section; '{path[0]}' takes {path[0]}.<field>")
+    _section_values(sections[path[0]], {path[1]: value}, source, path[0] + ".")
+    return merge_dicts(raw, nested(path, value))
 
 
 def coerce(value, tp, source: str, key: str):
-    """`value` checked / converted to type `tp` (PyYAML reads `5e-3` as a string); ConfigError naming `source` and `key`."""
+    """`value` checked / converted to type `tp` (PyYAML reads `5e-3` as a string); ConfigError naming `source` and `key`.
+
+    `Any` accepts every value.
+    """
+    if tp is Any:
+        return value
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:

@@ -6,8 +6,10 @@ the velocity for v-prediction models); the VAE and text encoder are frozen (cast
 mixed precision), the UNet stays fp32 under autocast. On Accelerate: mixed precision, gradient
 accumulation, checkpoints every N steps with exact --resume, validation images every N steps.
 
-SaRA adds its nuclear-norm regulariser to the loss every step and re-selects its trainable entries
-at the configured step (half of training by default), keeping the optimizer.
+Every applied method takes part through its training hooks (`MethodHooks` of the classifier
+trainer): its extra loss is added to the noise-prediction loss and its `on_step` runs after each
+optimizer step. SaRA thereby adds its nuclear-norm regulariser every step and re-selects its
+trainable entries at the configured step (half of training by default), keeping the optimizer.
 """
 from __future__ import annotations
 
@@ -27,10 +29,8 @@ import yaml
 
 import petl_vision as pv
 from petl_vision.data.captions import CaptionedImageFolder, image_transform
-from petl_vision.methods import sara
-
 from .config import ConfigError, MethodSection, check_override, coerce, merge_dicts, nested, parse_override, read_mapping
-from .trainer import TrainState
+from .trainer import MethodHooks, TrainState
 
 METHODS = ("sara", "lora", "full")
 # diffusers' standard LoRA placement for Stable Diffusion: the attention projections.
@@ -174,6 +174,9 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
     text_encoder.requires_grad_(False).to(accelerator.device, weight_dtype).eval()
     unet.to(accelerator.device)
     pv.apply(unet, cfg.method.name, **method_overrides(cfg))
+    hooks = MethodHooks(unet, cfg.max_steps, seed=cfg.seed)
+    if hooks.owner is not None:
+        raise ConfigError(f"method {hooks.owner[0].name!r} computes its own gradients; the diffusion loop does not support that")
     trainable = [p for p in unet.parameters() if p.requires_grad]
 
     dataset = CaptionedImageFolder(cfg.data, image_transform(cfg.resolution, cfg.center_crop, cfg.random_flip), cfg.caption_prefix)
@@ -198,7 +201,6 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
         accelerator.print(f"resumed from {ckpt} at step {state.step}")
 
     plain_unet = accelerator.unwrap_model(unet)
-    reselect_at = sara.reselect_step(plain_unet, cfg.max_steps) if cfg.method.name == "sara" else None
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum_steps))
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (cfg.progress and sys.stderr.isatty() and accelerator.is_local_main_process))
     losses: list[float] = []
@@ -210,10 +212,9 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
         for pixels, input_ids in batches:
             with accelerator.accumulate(unet):
                 loss = noise_prediction_loss(unet, vae, text_encoder, noise_scheduler, pixels, input_ids, weight_dtype)
-                total = loss + sara.regularization_loss(unet) if cfg.method.name == "sara" else loss
-                accelerator.backward(total)
+                accelerator.backward(hooks.loss(loss))
                 if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                    accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)  # the frozen ones have no .grad
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -223,10 +224,7 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
             losses.append(accelerator.gather(loss.detach()).mean().item())
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if state.step == reselect_at:
-                counts = sara.reselect(plain_unet, optimizer)
-                trainable = [p for p in unet.parameters() if p.requires_grad]  # new values Parameters
-                accelerator.print(f"step {state.step}: SaRA re-selection {counts}")
+            hooks.on_step(optimizer, state.step)  # SaRA's re-selection swaps the trainable Parameters
             if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
                 save_checkpoint(accelerator, out, state.step, cfg.keep_checkpoints)
             if cfg.validation_prompt and accelerator.is_main_process and (state.step % cfg.validation_every == 0 or state.step == cfg.max_steps):
@@ -238,7 +236,7 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
             break
     bar.close()
     result = {"unet": plain_unet, "output_dir": str(out), "adapter_dir": None, "unet_dir": None, "steps": state.step,
-              "losses": losses, "trainable_params": sum(p.numel() for p in trainable)}
+              "losses": losses, "trainable_params": sum(p.numel() for p in plain_unet.parameters() if p.requires_grad)}
     if state.step < cfg.max_steps:  # stopped early
         return result
     accelerator.wait_for_everyone()

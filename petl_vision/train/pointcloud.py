@@ -16,17 +16,15 @@ heads of IDPT / Point-MAE need batches of 2 or more), as the official loaders do
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch.nn as nn
-import yaml
 from accelerate.utils import set_seed
 
 from petl_vision.data.pointcloud import AUGMENTATIONS, build_point_datasets
 
-from .config import ConfigError, TrainConfig, apply_override, coerce, from_dict, merge_dicts, read_yaml
+from .config import ConfigError, TrainConfig, apply_section_override, build_section, from_dict, read_yaml
 from .model import build_model
 from .trainer import train
 
@@ -57,18 +55,8 @@ def load_point_config(path: str | Path | None = None, overrides: list[str] | tup
     source = str(path) if path is not None else "config"
     raw = read_yaml(path, train_keys=False) if path is not None else {}
     for item in overrides:
-        key, _, text = item.partition("=")
-        if key.startswith("data.") and "=" in item:
-            raw = merge_dicts(raw, {"data": {key[len("data."):]: yaml.safe_load(text) if text.strip() else None}})
-        else:
-            raw = apply_override(raw, item)  # checks the key against TrainConfig
-    data_raw = raw.pop("data", None) or {}
-    names = {f.name for f in dataclasses.fields(PointDataConfig)}
-    unknown = sorted(set(data_raw) - names)
-    if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {['data.' + k for k in unknown]}; valid: {sorted('data.' + n for n in names)}")
-    hints = typing.get_type_hints(PointDataConfig)
-    data = PointDataConfig(**{k: coerce(v, hints[k], source, f"data.{k}") for k, v in data_raw.items()})
+        raw = apply_section_override(raw, item, {"data": PointDataConfig})
+    data = build_section(PointDataConfig, raw.pop("data", None) or {}, source, "data.")
     bad = [a for a in data.augment if a not in AUGMENTATIONS]
     if bad:
         raise ConfigError(f"{source}: data.augment {bad} not among {list(AUGMENTATIONS)}")
