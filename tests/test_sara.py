@@ -327,8 +327,9 @@ def test_training_hooks_regularise_and_reselect_at_the_step(monkeypatch):
     assert term.item() == expected.item() > 0 and term.requires_grad
 
     calls = []
-    monkeypatch.setattr(sara, "reselect", lambda model, opt=None: calls.append((model, opt)))
+    monkeypatch.setattr(sara, "reselect", lambda model, opt=None: calls.append((model, opt)) or {"selected": 7})
     for step in range(1, 11):  # 10 steps: 0.3 of them is step 3
-        method.on_step(unet, config, optimizer, step, 10)
+        report = method.on_step(unet, config, optimizer, step, 10)
         assert len(calls) == (1 if step >= 3 else 0), step
+        assert report == ({"reselection": {"selected": 7}} if step == 3 else None), step
     assert calls == [(unet, optimizer)]

@@ -102,9 +102,10 @@ class Method:
         raise NotImplementedError(f"method {cls.name!r} owns the backward but does not implement `backward`")
 
     @classmethod
-    def on_step(cls, model: nn.Module, config: MethodConfig, optimizer, step: int, total_steps: int) -> None:
+    def on_step(cls, model: nn.Module, config: MethodConfig, optimizer, step: int, total_steps: int) -> dict | None:
         """Called after each optimizer step; `step` counts the steps taken (1 after the first) of
-        `total_steps`. May change the trainable parameters if it updates `optimizer` to match."""
+        `total_steps`. May change the trainable parameters if it updates `optimizer` to match.
+        Returns what the loop should report for this step (SaRA: its re-selection counts), or None."""
 
     @classmethod
     def epoch_metrics(cls, model: nn.Module, config: MethodConfig) -> dict[str, float]:

@@ -226,10 +226,12 @@ class SaRA(Method):
         return regularization_loss(model)
 
     @classmethod
-    def on_step(cls, model: nn.Module, config: SaRAConfig, optimizer, step: int, total_steps: int) -> None:
-        """Progressive re-selection (`reselect`, optimizer state kept) after step `reselect_step`."""
+    def on_step(cls, model: nn.Module, config: SaRAConfig, optimizer, step: int, total_steps: int) -> dict | None:
+        """Progressive re-selection (`reselect`, optimizer state kept) after step `reselect_step`;
+        returns its counts {"selected", "kept", "fixed"} then."""
         if step == reselect_step(model, total_steps):
-            reselect(model, optimizer)
+            return {"reselection": reselect(model, optimizer)}
+        return None
 
 
 def _check_base(name: str, weight: torch.Tensor, t: dict) -> None:

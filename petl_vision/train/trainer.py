@@ -252,9 +252,14 @@ class MethodHooks:
             if p.grad is not None:
                 p.grad = accelerator.reduce(p.grad, reduction="mean")
 
-    def on_step(self, optimizer, step: int) -> None:
+    def on_step(self, optimizer, step: int) -> dict:
+        """Every method's `on_step`; {method name: what it reported} for those that reported."""
+        reports = {}
         for method, config in self.methods:
-            method.on_step(self.model, config, optimizer, step, self.total_steps)
+            report = method.on_step(self.model, config, optimizer, step, self.total_steps)
+            if report:
+                reports[method.name] = report
+        return reports
 
     def epoch_metrics(self) -> dict:
         metrics = {}
@@ -296,7 +301,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator,
             scheduler.step()
             optimizer.zero_grad()
         if accelerator.sync_gradients:
-            hooks.on_step(optimizer, state.step)
+            for name, report in hooks.on_step(optimizer, state.step).items():
+                accelerator.print(f"step {state.step}: {name} {report}")
         loss_sum += loss.detach()
         batches += 1
         images += targets.shape[0] * accelerator.num_processes
