@@ -1,7 +1,12 @@
-"""Tiny random hosts shared by the tests (built offline with pretrained=False)."""
+"""Tiny random hosts shared by the tests (built offline with pretrained=False), and shared helpers."""
+import importlib.util
+from pathlib import Path
+
 import pytest
 import timm
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # name -> builder of a tiny host; every method x host pair is tested over these.
 HOSTS = {
@@ -33,3 +38,41 @@ def make_host(name: str, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(params=sorted(HOSTS))
 def host_name(request):
     return request.param
+
+
+def load_script(name: str):
+    """The module of scripts/<name>.py, freshly executed."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def perturb_trainable(model, seed=1):
+    """Move trainable tensors away from their init so equality tests cannot pass by accident."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: a single intra-op thread avoids contention on the shared 2-core machine.
+    Opt in per module with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    """A tiny Stable Diffusion pipeline (test_sara.tiny_pipeline) saved as a diffusers folder."""
+    from test_sara import tiny_pipeline
+
+    root = tmp_path_factory.mktemp("pipe")
+    tiny_pipeline(root).save_pretrained(root / "pipe")
+    return root / "pipe"

@@ -1,11 +1,11 @@
 """Few-shot CLIP training: k-shot sampling, class names, config loading, the script end to end."""
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, load_script
 from PIL import Image
 from test_clip import TINY_CFG, tiny_clip
 
@@ -15,7 +15,7 @@ from petl_vision.data import DataError
 from petl_vision.train.clip import load_clip_config
 from petl_vision.train.config import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "clip_fewshot_oxford_pets.yaml"
 CLASSES = ["golden_retriever", "red_car", "tabby_cat"]
 
 
@@ -33,10 +33,17 @@ def make_folder(root: Path, per_class: dict[str, int]) -> None:
 
 
 def run_script(argv):
-    spec = importlib.util.spec_from_file_location("train_clip", ROOT / "scripts" / "train_clip.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script.main(argv)
+    return load_script("train_clip").main(argv)
+
+
+def tiny_run_overrides(tmp_path: Path, arch_name: str) -> list[str]:
+    """Overrides of a 2-epoch, 2-shot run of a tiny random CLIP (its config saved as `arch_name`.json)
+    on a fresh folder of 3 train and 1 val image per class under `tmp_path`."""
+    make_folder(tmp_path / "data", {"train": 3, "val": 1})
+    arch = tmp_path / f"{arch_name}.json"
+    arch.write_text(json.dumps(TINY_CFG))
+    return [f"model={arch.stem}", "pretrained=false", f"clip.model_config={arch}", f"data.root={tmp_path / 'data'}",
+            "data.shots=2", "data.templates=default", "epochs=2", "batch_size=3", "optim.lr=1e-2"]
 
 
 def test_few_shot_indices():
@@ -59,24 +66,23 @@ def test_class_names_file(tmp_path):
 
 
 def test_config_loading_and_errors():
-    config = ROOT / "configs" / "clip_fewshot_oxford_pets.yaml"
-    cfg = load_clip_config(config, ["data.shots=4", "clip.train_text=true", "optim.lr=1e-4", "method.grad_dropout_lambda=1.0"])
+    cfg = load_clip_config(CONFIG, ["data.shots=4", "clip.train_text=true", "optim.lr=1e-4", "method.grad_dropout_lambda=1.0"])
     assert (cfg.data.shots, cfg.data.templates, cfg.clip.train_text, cfg.train.optim.lr) == (4, "oxford_pets", True, 1e-4)
     assert cfg.train.method.name == "mask_tuning" and cfg.train.method.overrides["grad_dropout_lambda"] == 1.0
     assert (cfg.train.epochs, cfg.train.optim.weight_decay, cfg.train.sched.warmup_epochs) == (30, 0.0, 0.0)
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['data.shot'\]"):
-        load_clip_config(config, ["data.shot=4"])
+        load_clip_config(CONFIG, ["data.shot=4"])
     with pytest.raises(ConfigError, match="data.templates: .*unknown template set"):
-        load_clip_config(config, ["data.templates=pets"])
+        load_clip_config(CONFIG, ["data.templates=pets"])
     with pytest.raises(ConfigError, match="grad_dropout_lambda must be in"):
-        load_clip_config(config, ["method.grad_dropout_lambda=2"])
+        load_clip_config(CONFIG, ["method.grad_dropout_lambda=2"])
     for item, message in [("data.shots=many", r"override 'data\.shots=many': data\.shots must be int, got 'many'"),
                           ("clip.train_text=maybe", r"override 'clip\.train_text=maybe': clip\.train_text must be bool"),
                           ("clip.tags=x", r"override 'clip\.tags=x': unknown key\(s\) \['clip\.tags'\]; valid: \['clip\.model_config'"),
                           ("clip.tag.x=1", r"override 'clip\.tag\.x=1': 'clip\.tag' is not a section"),
                           ("optim.lr=fast", r"override 'optim\.lr=fast': optim\.lr must be float")]:
         with pytest.raises(ConfigError, match=message):
-            load_clip_config(config, [item])
+            load_clip_config(CONFIG, [item])
     cfg = load_clip_config(None, ["data.templates=['a photo of a {}.']", "data.crop_scale=[0.8, 1]", "clip.model_config="])
     assert (cfg.data.templates, cfg.data.crop_scale, cfg.clip.model_config) == (["a photo of a {}."], [0.8, 1], None)
 
@@ -90,7 +96,7 @@ def test_script_runs_16_shots_end_to_end(tmp_path, capsys):
 
     save_file({k: v.contiguous() for k, v in tiny_clip(seed=5).state_dict().items()}, str(ckpt))
     result = run_script([
-        "--config", str(ROOT / "configs" / "clip_fewshot_oxford_pets.yaml"), "--output-dir", str(tmp_path / "run"), "--merge",
+        "--config", str(CONFIG), "--output-dir", str(tmp_path / "run"), "--merge",
         f"model={arch.stem}", f"checkpoint={ckpt}", f"clip.model_config={arch}", f"data.root={tmp_path / 'data'}",
         "data.templates=default", "epochs=2", "batch_size=16", "eval_batch_size=12", "optim.lr=1e-2",
     ])
@@ -114,15 +120,10 @@ def test_resume_continues_exactly(tmp_path):
     from petl_vision.methods import mask_tuning as mt
     from petl_vision.train.clip import train_clip
 
-    make_folder(tmp_path / "data", {"train": 3, "val": 1})
-    arch = tmp_path / "petl-tiny-clip-c.json"
-    arch.write_text(json.dumps(TINY_CFG))
-    overrides = [f"model={arch.stem}", "pretrained=false", f"clip.model_config={arch}", f"data.root={tmp_path / 'data'}",
-                 "data.shots=2", "data.templates=default", "epochs=2", "batch_size=3", "optim.lr=1e-2"]
-    config = ROOT / "configs" / "clip_fewshot_oxford_pets.yaml"
-    full = train_clip(load_clip_config(config, overrides + [f"output_dir={tmp_path / 'full'}"]))
-    train_clip(load_clip_config(config, overrides + [f"output_dir={tmp_path / 'part'}"]), stop_after_epoch=1)
-    resumed = train_clip(load_clip_config(config, overrides + [f"output_dir={tmp_path / 'part'}"]), resume=True)
+    overrides = tiny_run_overrides(tmp_path, "petl-tiny-clip-c")
+    full = train_clip(load_clip_config(CONFIG, overrides + [f"output_dir={tmp_path / 'full'}"]))
+    train_clip(load_clip_config(CONFIG, overrides + [f"output_dir={tmp_path / 'part'}"]), stop_after_epoch=1)
+    resumed = train_clip(load_clip_config(CONFIG, overrides + [f"output_dir={tmp_path / 'part'}"]), resume=True)
     assert [h["epoch"] for h in resumed["history"]] == [2]
     assert resumed["history"][0]["train_loss"] == full["history"][1]["train_loss"]
     for (name, a), (_, b) in zip(mt.masks(full["model"]), mt.masks(resumed["model"])):
@@ -136,15 +137,10 @@ def test_method_hooks_run_in_the_clip_trainer(tmp_path):
     import petl_vision.methods.mask_tuning as mt
     from petl_vision.train.clip import train_clip
 
-    make_folder(tmp_path / "data", {"train": 3, "val": 1})
-    arch = tmp_path / "petl-tiny-clip-d.json"
-    arch.write_text(json.dumps(TINY_CFG))
-    base = [f"model={arch.stem}", "pretrained=false", f"clip.model_config={arch}", f"data.root={tmp_path / 'data'}",
-            "data.shots=2", "data.templates=default", "epochs=2", "batch_size=3", "optim.lr=1e-2"]
-    config = ROOT / "configs" / "clip_fewshot_oxford_pets.yaml"
+    base = tiny_run_overrides(tmp_path, "petl-tiny-clip-d")
 
     def run(name, *extra):
-        return train_clip(load_clip_config(config, base + [f"output_dir={tmp_path / name}", *extra]))
+        return train_clip(load_clip_config(CONFIG, base + [f"output_dir={tmp_path / name}", *extra]))
 
     runs = {name: run(name, *extra) for name, extra in {
         "plain": ["method.grad_dropout=false"], "lam0": ["method.grad_dropout_lambda=0.0"],

@@ -1,11 +1,10 @@
 """scripts/finetune_diffusion.py on a tiny offline pipeline and a generated captioned image folder."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, load_script
 from PIL import Image
 from safetensors.torch import load_file
 from test_sara import one_thread, tiny_pipeline  # noqa: F401  (one_thread: module-wide fixture)
@@ -14,22 +13,6 @@ import petl_vision as pv
 from petl_vision.data.captions import CaptionedImageFolder, read_captions
 from petl_vision.data.common import DataError
 from petl_vision.train.diffusion import ConfigError, load_diffusion_config
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "finetune_diffusion.py"
-
-
-def script_main():
-    spec = importlib.util.spec_from_file_location("finetune_diffusion", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipe")
-    tiny_pipeline(root).save_pretrained(root / "pipe")
-    return root / "pipe"
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +54,12 @@ def test_config_errors():
         load_diffusion_config(None, ["method=vpt"])
     with pytest.raises(ConfigError, match="SaRAConfig has no field"):
         load_diffusion_config(None, ["method.thresh=1"])
-    cfg = load_diffusion_config(Path(__file__).resolve().parents[1] / "configs" / "sd15_sara.yaml", ["max_steps=10"])
+    cfg = load_diffusion_config(ROOT / "configs" / "sd15_sara.yaml", ["max_steps=10"])
     assert cfg.method.name == "sara" and cfg.method.overrides["threshold"] == 2e-3 and cfg.max_steps == 10
 
 
 def run_script(pipeline_dir, data_dir, out, *extra):
-    return script_main()([
+    return load_script("finetune_diffusion").main([
         "--model", str(pipeline_dir), "--data", str(data_dir), "--output-dir", str(out), "--no-progress",
         "resolution=16", "batch_size=2", "checkpoint_every=2", "seed=0", "lr=0.01", *extra,
     ])

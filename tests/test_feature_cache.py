@@ -20,16 +20,7 @@ from petl_vision.methods._feature_cache import (
     side_forward_from_cache,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a single intra-op thread avoids contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 NUM, BATCH, EPOCHS = 8, 4, 3
 
 

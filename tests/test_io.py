@@ -94,25 +94,20 @@ def test_corrupt_config(saved):
         pv.load_adapter(make_host("vit"), directory)
 
 
-def test_unknown_method_in_config(saved):
+@pytest.mark.parametrize("edit, error, match", [
+    (lambda method: method.update(name="magic"), pv.AdapterFileError,
+     "adapter_config.json: unknown method 'magic'; registered methods"),
+    # The file's tensors disagree with what the methods create (fewer SSF layers).
+    (lambda method: method["config"].update(target_modules="norm"), pv.AdapterMismatchError,
+     "adapter.safetensors: tensors do not fit.*unexpected"),
+], ids=["unknown_method_in_config", "tensors_not_matching_methods"])
+def test_bad_method_entry_fails_before_touching_the_model(saved, edit, error, match):
     _, directory = saved
     meta = json.loads((directory / "adapter_config.json").read_text())
-    meta["methods"][0]["name"] = "magic"
+    edit(meta["methods"][0])
     (directory / "adapter_config.json").write_text(json.dumps(meta))
     model = make_host("vit")
-    with pytest.raises(pv.AdapterFileError, match="adapter_config.json: unknown method 'magic'; registered methods"):
-        pv.load_adapter(model, directory)
-    assert untouched(model)
-
-
-def test_tensors_not_matching_methods(saved):
-    """A file whose tensors disagree with what the methods create fails before touching the model."""
-    _, directory = saved
-    meta = json.loads((directory / "adapter_config.json").read_text())
-    meta["methods"][0]["config"]["target_modules"] = "norm"  # would create fewer SSF layers
-    (directory / "adapter_config.json").write_text(json.dumps(meta))
-    model = make_host("vit")
-    with pytest.raises(pv.AdapterMismatchError, match="adapter.safetensors: tensors do not fit.*unexpected"):
+    with pytest.raises(error, match=match):
         pv.load_adapter(model, directory)
     assert untouched(model)
 

@@ -1,7 +1,7 @@
 """LoRA on convolutions (peft's Conv2d LoRA): placement switch, counts, merge, save/load."""
 import pytest
 import torch
-from conftest import input_for, make_host
+from conftest import input_for, make_host, perturb_trainable
 from torch import nn
 
 import petl_vision as pv
@@ -18,14 +18,6 @@ def conv_formula(model, r):
     """r * (in * kh * kw + out) over the ungrouped nn.Conv2d layers of a fresh host."""
     convs = [m for m in model.modules() if _is_plain_conv(m)]
     return len(convs), sum(r * (m.in_channels * m.kernel_size[0] * m.kernel_size[1] + m.out_channels) for m in convs)
-
-
-def perturb(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
 
 
 @pytest.mark.parametrize("host", ["resnet", "convnext"])
@@ -59,7 +51,7 @@ def test_merge_and_save_load_on_resnet(tmp_path):
     plain_out = make_host("resnet")(x)
     keys = list(make_host("resnet").state_dict())
     model = pv.apply(make_host("resnet"), "lora", r=2)
-    perturb(model)
+    perturb_trainable(model)
     before = model(x)
     assert (before - plain_out).abs().max() > 1e-2  # the conv updates (and the head) change the output
     pv.save_adapter(model, tmp_path / "a")
@@ -98,7 +90,7 @@ def test_open_clip_attention_pool_projections_are_not_wrapped():
     pv.apply(tower, "lora", r=2, train_head=False)
     layers = lora_layers(tower)
     assert layers and not any(name.startswith("attnpool") for name in layers)
-    perturb(tower)
+    perturb_trainable(tower)
     tower.train()
     tower(torch.randn(2, 3, 32, 32)).square().sum().backward()
     for name, p in tower.named_parameters():

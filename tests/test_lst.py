@@ -12,14 +12,7 @@ from petl_vision.core.state import host_modules
 from petl_vision.hosts import token_host
 from petl_vision.methods.lst import init_side_from_backbone, needs_data_init
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a single intra-op thread avoids contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_backbone_out_of_backward(model, x):

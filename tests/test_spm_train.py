@@ -1,5 +1,4 @@
 """SPM erasure training (scripts/erase_concept.py) and evaluation (scripts/evaluate_erasure.py) on a tiny pipeline."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -7,6 +6,7 @@ import pytest
 import safetensors
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, load_script
 from PIL import Image
 from safetensors.torch import load_file
 from test_clip import TINY_CFG
@@ -16,24 +16,9 @@ from petl_vision.methods.spm import membranes_disabled
 from petl_vision.train.config import ConfigError
 from petl_vision.train.erase import anchor_batch, load_erase_config, sample_anchors, train_erasure
 
-ROOT = Path(__file__).resolve().parents[1]
 # Tiny but complete: 3 DDIM steps for x_t, 16 px (8x8 latents), a learning rate that moves in a few steps.
 FAST = ["concept=snoopy", "max_denoising_steps=3", "resolution=16", "dynamic_resolution=false", "lr=0.003", "warmup_steps=0",
         "lr_scheduler=constant", "progress=false"]
-
-
-def script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipe")
-    tiny_pipeline(root).save_pretrained(root / "pipe")
-    return root / "pipe"
 
 
 def test_config_defaults_are_the_official_recipe():
@@ -99,7 +84,7 @@ def test_erasure_moves_the_concept_to_its_surrogate(pipeline_dir, tmp_path):
 
 
 def test_script_checkpoints_and_exact_resume(pipeline_dir, tmp_path):
-    erase = script("erase_concept")
+    erase = load_script("erase_concept").main
     common = [f"model={pipeline_dir}", "checkpoint_every=2", "anchors=2", *FAST[1:]]
     full = erase(["--concept", "snoopy", "--max-steps", "3", "--output-dir", str(tmp_path / "full"), "--no-progress", *common])
     out = tmp_path / "full"
@@ -120,7 +105,7 @@ def test_evaluate_script(pipeline_dir, tmp_path):
 
     spm_file = write_official(tmp_path / "snoopy.safetensors", pipe.unet, "snoopy", seed=1)
     (tmp_path / "petl-tiny-clip-spm.json").write_text(json.dumps(TINY_CFG))
-    result = script("evaluate_erasure")([
+    result = load_script("evaluate_erasure").main([
         "--model", str(pipeline_dir), "--spm", str(spm_file), "--erased", "snoopy", "--preserved", "a red car",
         "--num-images", "2", "--steps", "2", "--height", "16", "--width", "16", "--clip-config", str(tmp_path / "petl-tiny-clip-spm.json"),
         "--clip-pretrained", "none", "--device", "cpu", "--output-dir", str(tmp_path / "eval"),

@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import perturb_trainable
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer
 from test_clip import CLASSES, images, tiny_clip
@@ -15,14 +16,6 @@ from petl_vision.clip import CLIPClassifier
 from petl_vision.methods.ssf import BiasScaleShift, SSFLayer
 
 WIDTH, HIDDEN, LAYERS = 32, 64, 2  # tiny CLIP tower of test_clip: width 32, mlp_ratio 2, 2 blocks
-
-
-def perturb(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
 
 
 def tiny_tower(seed=0):
@@ -79,7 +72,7 @@ def test_attention_equals_the_scale_and_shift_of_each_projection(kdim):
         wq, wk, wv = (getattr(mha, f"{k}_proj_weight").detach().clone() for k in "qkv")
     b_in, w_out, b_out = mha.in_proj_bias.detach().clone(), mha.out_proj.weight.detach().clone(), mha.out_proj.bias.detach().clone()
     pv.apply(mha, "ssf", train_head=False)
-    perturb(mha)
+    perturb_trainable(mha)
     ssf_in = mha.parametrizations.in_proj_bias[0]
     ssf_out = mha.out_proj.parametrizations.bias[0]
     assert pv.summary(mha).trainable == 2 * 3 * 8 + 2 * 8
@@ -104,7 +97,7 @@ def test_merge_keeps_the_keys_and_folds_the_patch_shift_into_the_position_embedd
     tower = tiny_tower()
     keys, pos = list(tower.state_dict()), tower.positional_embedding.detach().clone()
     pv.apply(tower, "ssf", train_head=False)
-    perturb(tower)
+    perturb_trainable(tower)
     x = images()
     expected = tower(x)
     shift = tower.conv1.shift.detach().clone()
@@ -125,7 +118,7 @@ def test_merge_keeps_the_keys_and_folds_the_patch_shift_into_the_position_embedd
 
 def test_save_load_identical_outputs_on_the_clip_classifier(tmp_path):
     clf = pv.apply(CLIPClassifier(tiny_clip(), CLASSES, train_text=True), "ssf")
-    perturb(clf)
+    perturb_trainable(clf)
     x = images()
     expected = clf(x)
     pv.save_adapter(clf, tmp_path / "a")
@@ -144,7 +137,7 @@ def test_resnet_tower_attention_pool_is_reached():
     owners = [m for m in pool.modules() if isinstance(m, BiasScaleShift)]
     embed = pool.q_proj.in_features
     assert sum(o.scale.numel() for o in owners) == 3 * embed + 16
-    perturb(rn)
+    perturb_trainable(rn)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     rn.train()
     rn(x).square().sum().backward()

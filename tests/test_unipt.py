@@ -8,14 +8,7 @@ from test_lst import assert_backbone_out_of_backward, hidden_states
 import petl_vision as pv
 from petl_vision.methods.unipt import l1norm
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a single intra-op thread avoids contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("host", TOKEN_HOSTS)

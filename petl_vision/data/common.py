@@ -1,9 +1,10 @@
-"""Shared pieces of the data package: the error type and image loading."""
+"""Shared pieces of the data package: the error type, image loading and labelled image-file datasets."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -35,3 +36,18 @@ def require_dir(path: str | Path, what: str) -> Path:
     if not p.is_dir():
         raise DataError(f"{what} is not a directory: {p}")
     return p
+
+
+class LabelledImageFiles(Dataset):
+    """Items are `(transform(PIL RGB image), int label)` of `.samples`, a list of `(path, label)`
+    that the subclass fills; `.transform` may be None (the PIL image itself)."""
+
+    samples: list[tuple[Path, int]]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        img = load_rgb(path)
+        return (self.transform(img) if self.transform is not None else img), label

@@ -3,12 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch.utils.data import Dataset
-
-from .common import DataError, is_image_file, load_rgb, require_dir
+from .common import DataError, LabelledImageFiles, is_image_file, require_dir
 
 
-class ImageFolder(Dataset):
+class ImageFolder(LabelledImageFiles):
     """`root/<class>/<image>` layout. Items are `(transform(PIL RGB image), int label)`.
 
     `.classes` are the sorted class-folder names (label i = classes[i]); `.samples` is a list of
@@ -34,11 +32,3 @@ class ImageFolder(Dataset):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        img = load_rgb(path)
-        return (self.transform(img) if self.transform is not None else img), label

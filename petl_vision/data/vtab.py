@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch.utils.data import Dataset
-
-from .common import DataError, load_rgb, require_dir
+from .common import DataError, LabelledImageFiles, require_dir
 
 VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
 
@@ -36,7 +34,7 @@ def read_list_file(list_file: Path) -> list[tuple[str, int, int]]:
     return entries
 
 
-class VTABList(Dataset):
+class VTABList(LabelledImageFiles):
     """One split of one VTAB-1k task. Items are `(transform(PIL RGB image), int label)`.
 
     `num_classes` checks every label is in `[0, num_classes)`; when None it is inferred as
@@ -69,11 +67,3 @@ class VTABList(Dataset):
         self.targets = [label for _, label in self.samples]
         self.num_classes = num_classes if num_classes is not None else max(self.targets) + 1
         self.classes = [str(i) for i in range(self.num_classes)]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        img = load_rgb(path)
-        return (self.transform(img) if self.transform is not None else img), label

@@ -193,12 +193,7 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * accelerator.num_processes,
                               num_training_steps=cfg.max_steps * accelerator.num_processes)
     unet, optimizer, loader, scheduler = accelerator.prepare(unet, optimizer, loader, scheduler)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    if resume:
-        ckpt = latest_checkpoint(out) if resume is True else Path(resume)
-        accelerator.load_state(str(ckpt))
-        accelerator.print(f"resumed from {ckpt} at step {state.step}")
+    state = resumable_state(accelerator, out, resume)
 
     plain_unet = accelerator.unwrap_model(unet)
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum_steps))
@@ -306,6 +301,18 @@ def latest_checkpoint(output_dir: str | Path) -> Path:
     if not ckpts:
         raise FileNotFoundError(f"resume: no checkpoint in {output_dir} (expected {output_dir}/checkpoints/step_<n>)")
     return ckpts[-1]
+
+
+def resumable_state(accelerator, out: Path, resume: str | Path | bool | None = None) -> TrainState:
+    """A TrainState saved with every checkpoint; with `resume`, restored (with the prepared objects) from
+    the checkpoint `resume` names, or the newest one in `out` when it is True."""
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    if resume:
+        ckpt = latest_checkpoint(out) if resume is True else Path(resume)
+        accelerator.load_state(str(ckpt))
+        accelerator.print(f"resumed from {ckpt} at step {state.step}")
+    return state
 
 
 def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> Path:

@@ -39,8 +39,7 @@ import petl_vision as pv
 from petl_vision.methods.spm import membranes_disabled
 
 from .config import ConfigError, check_override, coerce, parse_override, read_mapping
-from .diffusion import latest_checkpoint, save_checkpoint
-from .trainer import TrainState
+from .diffusion import resumable_state, save_checkpoint
 
 
 @dataclass
@@ -278,12 +277,7 @@ def train_erasure(cfg: EraseConfig, resume: str | Path | bool | None = None, sto
                                  num_cycles=cfg.lr_num_cycles)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     plain_unet = accelerator.unwrap_model(unet)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    if resume:
-        ckpt = latest_checkpoint(out) if resume is True else Path(resume)
-        accelerator.load_state(str(ckpt))
-        accelerator.print(f"resumed from {ckpt} at step {state.step}")
+    state = resumable_state(accelerator, out, resume)
 
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (cfg.progress and sys.stderr.isatty() and accelerator.is_local_main_process))
     losses: list[dict] = []
