@@ -2,7 +2,9 @@
 
     python scripts/train_pointcloud.py --config configs/pointcloud_synthetic_idpt.yaml
     python scripts/train_pointcloud.py --config configs/pointcloud_synthetic_p2p.yaml method.test_views=8
-    python scripts/train_pointcloud.py --config configs/modelnet40_idpt.yaml checkpoint=ckpts/pretrain.pth
+    python scripts/train_pointcloud.py --config configs/modelnet40_idpt.yaml data.root=data/modelnet40_ply_hdf5_2048 checkpoint=ckpts/pretrain.pth
+    python scripts/train_pointcloud.py --config configs/scanobjectnn_idpt.yaml data.root=data/ScanObjectNN/h5_files checkpoint=ckpts/pretrain.pth
+    python scripts/train_pointcloud.py --config configs/modelnet40_p2p.yaml data.root=data/modelnet40_normal_resampled
     python scripts/train_pointcloud.py --config CONFIG --resume              # latest checkpoint of output_dir
     accelerate launch scripts/train_pointcloud.py --config CONFIG ...        # multi-GPU / mixed precision
 
