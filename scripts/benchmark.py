@@ -30,7 +30,7 @@ def parse_args(argv=None) -> BenchOptions:
     p.add_argument("--steps", type=int, default=defaults.steps, help="timed steps; medians are reported (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed steps first (default: %(default)s)")
     p.add_argument("--device", default=defaults.device, help="auto (cuda when available), cpu, cuda, cuda:N")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="autocast on CUDA")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="autocast: fp16 on CUDA, bf16 on CUDA or CPU")
     p.add_argument("--method-arg", action="append", default=[], metavar="METHOD.FIELD=VALUE",
                    help="config override passed to pv.apply, e.g. lora.rank=4 (repeatable; values as YAML)")
     p.add_argument("--out-dir", help="output folder (default: runs/benchmark/<model>)")

@@ -107,7 +107,7 @@ def test_bad_options_are_named(tmp_path):
     with pytest.raises(ValueError, match="--method-arg vpt: VPTConfig has no field"):
         run_benchmark(tiny_options(tmp_path, method_args={"vpt": {"prompts": 2}}))
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        run_benchmark(tiny_options(tmp_path, mixed_precision="bf16"))
+        run_benchmark(tiny_options(tmp_path, mixed_precision="fp16"))
     with pytest.raises(ValueError, match="unknown workload 'nope'; registered workloads: .*timm-classifier"):
         run_benchmark(tiny_options(tmp_path, workload="nope"))
     with pytest.raises(ValueError, match="expected METHOD.FIELD=VALUE"):

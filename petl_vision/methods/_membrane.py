@@ -23,6 +23,9 @@ def membrane_delta(layer: nn.Module, x: torch.Tensor, output: torch.Tensor, mems
     ranks = [m.rank for m in mems]
     down = torch.cat([m.lora_down.weight for m in mems]) if len(mems) > 1 else mems[0].lora_down.weight
     up = torch.cat([m.lora_up.weight for m in mems], dim=1) if len(mems) > 1 else mems[0].lora_up.weight
+    # Membranes may be kept in fp32 on a half-precision layer (trainable parameters upcast, as diffusers'
+    # `cast_training_params` does): compute in the activations' dtype, the gradient flows back through the cast.
+    down = down.to(x.dtype)
     scales = [m.scale for m in mems]
     h = F.conv2d(x, down, None, layer.stride, layer.padding) if conv else F.linear(x, down)  # (B, R, ...) / (B, ..., R)
     channel = 1 if conv else h.dim() - 1
@@ -65,7 +68,7 @@ def _add_up(output: torch.Tensor, h: torch.Tensor, up: torch.Tensor, conv: bool)
     """output + up(h): Linear up (out, R) on (..., R); 1x1 Conv up (out, R, 1, 1) on (B, R, H, W)."""
     inplace = not torch.is_grad_enabled()
     if conv and not (up.shape[2:] == (1, 1) and output.is_contiguous() and h.is_contiguous()):
-        return output + F.conv2d(h, up)
+        return output + F.conv2d(h, up.to(h.dtype))
     up2 = up.flatten(1).to(output.dtype)
     if conv:
         b, c = output.shape[:2]

@@ -66,7 +66,9 @@ class EdgeConv(nn.Sequential):
 
     def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """(B, C, G) -> (B, C, G)."""
-        idx = knn(x.transpose(1, 2), x.transpose(1, 2), k)
+        with torch.autocast(x.device.type, enabled=False):  # fp32 distances: in fp16/bf16 |a|^2 + |b|^2 - 2ab cancels
+            tokens = x.transpose(1, 2).float()
+            idx = knn(tokens, tokens, k)
         return super().forward(edge_features(x, idx)).amax(dim=-1)
 
 

@@ -168,7 +168,9 @@ class PointEncoder(nn.Module):
 
     def forward(self, xyz: torch.Tensor) -> torch.Tensor:
         f = self.input_trans(xyz.transpose(1, 2))  # (B, point_dim, N)
-        f = self.graph_layer(edge_features(f, knn(xyz, xyz, self.k))).amax(dim=-1)
+        with torch.autocast(xyz.device.type, enabled=False):  # neighbours from fp32 distances, also under fp16/bf16 autocast
+            idx = knn(xyz.float(), xyz.float(), self.k)
+        f = self.graph_layer(edge_features(f, idx)).amax(dim=-1)
         return self.proj_layer(f).transpose(1, 2)
 
 
@@ -196,9 +198,12 @@ class P2PProjector(nn.Module):
         points = points[..., :3]
         b, v = rotations.shape[:2]
         features = self.encoder(points)  # (B, N, C): from the cloud as given, the same for every view
-        views = torch.einsum("bvij,bnj->bvni", rotations.to(points.dtype), points)
-        if scale is not None:
-            views = views * scale.view(b, 1, 1, 3)
+        # The geometry in fp32: rotated under fp16/bf16 (autocast or a half-precision model), the
+        # coordinates keep 8-11 bits and many points land on a neighbouring pixel.
+        with torch.autocast(points.device.type, enabled=False):
+            views = torch.einsum("bvij,bnj->bvni", rotations.float(), points.float())
+            if scale is not None:
+                views = views * scale.float().view(b, 1, 1, 3)
         views = views.reshape(b * v, *points.shape[1:])
         features = features.repeat_interleave(v, dim=0)
         canvas = splat(features, pixel_coords(views, self.obj_size), self.obj_size, self.image_hw)
