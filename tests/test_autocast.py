@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 from conftest import HOSTS, input_for, make_host
-from diffusers import UNet2DConditionModel
+from test_sara import tiny_unet
 
 import petl_vision as pv
 from petl_vision.methods import sara, spm as spm_method
@@ -43,15 +43,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- hosts and inputs
-
-
-def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
-        norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ).eval()
 
 
 def unet_inputs(seed: int = 0):
@@ -369,7 +360,7 @@ def test_spm_unet_autocast(variant):
 # ----------------------------------------------------------------------------- 3. a host stored in bf16
 
 
-def bf16_unet() -> UNet2DConditionModel:
+def bf16_unet():
     """A frozen UNet kept in bf16, as diffusers users hold it (`.to()`, not from_pretrained(torch_dtype=...))."""
     return tiny_unet().to(BF16)
 

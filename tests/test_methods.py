@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import HOSTS, input_for, make_host
+from conftest import HOSTS, input_for, make_host, perturb_trainable
 
 import petl_vision as pv
 
@@ -20,15 +20,6 @@ def test_every_config_is_exported():
 
 def supported(method, host):
     return pv.get_method(method).supports(make_host(host))
-
-
-def perturb_trainable(model, seed=1):
-    """Move trainable tensors away from their init so equality tests cannot pass by accident."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
 
 
 @pytest.mark.parametrize("method,host", pairs())
