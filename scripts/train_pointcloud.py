@@ -18,7 +18,7 @@ from petl_vision.train.pointcloud import load_point_config, train_pointcloud
 
 
 def main(argv=None) -> dict:
-    parser = training_parser(__doc__, "YAML config (see configs/pointcloud_*.yaml)", mixed_precision=False, merge=False)
+    parser = training_parser(__doc__, "YAML config (see configs/pointcloud_*.yaml)", merge=False)
     args, overrides = parse_training_args(parser, argv)
     result = train_pointcloud(load_point_config(args.config, overrides), resume=args.resume)
     print(f"done: top1 {result['metrics'].get('top1', float('nan')):.2f}; adapter: {result['adapter_dir']}")
