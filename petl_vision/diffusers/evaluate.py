@@ -56,15 +56,37 @@ def noise_gap(pipe, prompt: str, samples: int = 4, seed: int = 0) -> float:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(samples * len(GAP_TIMESTEPS), unet.config.in_channels, size, size, generator=g).to(device, unet.dtype)
     t = torch.tensor(GAP_TIMESTEPS, device=device).repeat_interleave(samples)
-    embeds = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)[0]  # with transport: sets this prompt's strengths
+    encoded = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)  # with transport: sets this prompt's strengths
     try:
-        states = embeds.expand(x.shape[0], -1, -1)
+        states = encoded[0].expand(x.shape[0], -1, -1)
+        extra = added_conditioning(pipe, unet, encoded, x.shape[0], size)
         with disabled(pipe):
-            original = unet(x, t, states).sample.float()
-        spm = unet(x, t, states).sample.float()
+            original = unet(x, t, states, **extra).sample.float()
+        spm = unet(x, t, states, **extra).sample.float()
     finally:
         spm_module(unet).strengths = None
     return (F.mse_loss(spm, original) / original.square().mean()).item()
+
+
+def added_conditioning(pipe, unet, encoded, batch: int, latent_size: int) -> dict:
+    """The UNet's conditioning besides the text states: SDXL's pooled text embeddings and time ids
+    (original size, crop (0, 0), target size: the image size of `latent_size` latents), as the SDXL
+    pipeline builds them; {} for SD 1.x / 2.x UNets. Other extra conditioning (class labels, image
+    embeddings) is refused with what is supported."""
+    config = unet.config
+    kind = config.addition_embed_type
+    supported = "supported: UNets conditioned on the text alone (SD 1.x / 2.x) or on text + time ids (SDXL, addition_embed_type='text_time')"
+    if config.class_embed_type is not None or config.num_class_embeds is not None:
+        raise ValueError(f"noise_gap: this UNet needs class_labels (class_embed_type={config.class_embed_type!r}); {supported}")
+    if kind is None:
+        return {}
+    pooled = encoded[2] if isinstance(encoded, tuple) and len(encoded) >= 3 else None
+    time_dim = None if pooled is None else unet.add_embedding.linear_1.in_features - pooled.shape[-1]
+    if kind != "text_time" or time_dim != 6 * config.addition_time_embed_dim:
+        raise ValueError(f"noise_gap: this UNet takes addition_embed_type={kind!r} with {type(pipe).__name__}'s encode_prompt; {supported}")
+    pixels = latent_size * pipe.vae_scale_factor
+    time_ids = torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]], device=pooled.device, dtype=pooled.dtype)
+    return {"added_cond_kwargs": {"text_embeds": pooled.expand(batch, -1), "time_ids": time_ids.expand(batch, -1)}}
 
 
 def evaluate_erasure(pipe, erased: list[str], preserved: list[str], clip_model, clip_tokenizer, clip_preprocess,

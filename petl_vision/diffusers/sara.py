@@ -5,12 +5,16 @@
     pv.diffusers.unload_sara(pipe)
 
 Loading changes only the selected entries of the UNet's weights (written in place, no copy of the
-UNet); unloading writes the base values back, so the pipeline is exactly as before.
+UNet); unloading writes the base values back, so the pipeline is exactly as before. A diffusers LoRA
+(`pipe.load_lora_weights`) may be loaded before or after, and unloaded in either order: SaRA acts on
+the layers the LoRA wraps, under their own names, and never on the LoRA's tensors.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -20,7 +24,7 @@ from ..core.api import apply
 from ..core.errors import AdapterMismatchError
 from ..core.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from ..core.state import get_state
-from ..methods.sara import SaRAConfig, sara_module, unload
+from ..methods.sara import SaRAConfig, host_name, sara_module, unload
 from ._plugin import pipeline_denoiser
 
 OFFICIAL_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -36,8 +40,15 @@ def load_sara(pipe, file_or_dir: str | os.PathLike, **overrides):
     """
     unet = pipeline_denoiser(pipe)
     state = get_state(unet)
+    if state is not None and "sara" in state.method_names:
+        raise ValueError(f"load_sara: SaRA is already loaded into the {type(unet).__name__}; call unload_sara(pipe) first")
     if state is not None:
-        raise ValueError(f"load_sara: the {type(unet).__name__} already has methods {state.method_names}; call unload_sara(pipe) first")
+        raise ValueError(f"load_sara: the {type(unet).__name__} already has petl_vision methods {state.method_names}; "
+                         "load SaRA first (e.g. load_sara, then load_spm), or unload them first")
+    fused = [name for name, wrapper in _lora_wrappers(unet) if wrapper.merged]
+    if fused:
+        raise ValueError(f"load_sara: a LoRA is fused into the UNet's weights ({fused[:3]}: pipe.fuse_lora()); SaRA selects and "
+                         "checks entries of the base weights: call pipe.unfuse_lora() first (an unfused LoRA may stay loaded)")
     path = Path(file_or_dir)
     if path.is_file() and path.name in (CONFIG_NAME, WEIGHTS_NAME):
         path = path.parent
@@ -45,9 +56,24 @@ def load_sara(pipe, file_or_dir: str | os.PathLike, **overrides):
         if overrides:
             raise TypeError(f"load_sara({path}): overrides {sorted(overrides)} apply to official checkpoints only; the adapter config is in {CONFIG_NAME}")
         _check_is_sara(path)
-        load_adapter(unet, path)
+        wrappers = _lora_wrappers(unet)
+        try:
+            with _without_lora_layers(unet, wrappers):  # the UNet an adapter is trained on: without the LoRA
+                load_adapter(unet, path)
+        except AdapterMismatchError as error:
+            if not wrappers:
+                raise
+            try:
+                load_adapter(unet, path)  # an adapter trained with this LoRA in place
+            except AdapterMismatchError:
+                raise error from None
+            return pipe
+        _freeze_lora(unet, wrappers)
     elif path.is_file() and path.suffix in OFFICIAL_SUFFIXES:
-        load_official_checkpoint(unet, path, **overrides)
+        wrappers = _lora_wrappers(unet)
+        with _without_lora_layers(unet, wrappers):
+            load_official_checkpoint(unet, path, **overrides)
+        _freeze_lora(unet, wrappers)
     elif not path.exists():
         raise FileNotFoundError(f"load_sara: {path} does not exist (expected an adapter directory or an official .pt file)")
     else:
@@ -62,6 +88,43 @@ def unload_sara(pipe):
     if state is not None and "sara" in state.method_names:
         unload(unet)
     return pipe
+
+
+def _lora_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of the peft LoRA layers (outermost) that `pipe.load_lora_weights` put into `model`."""
+    peft_utils = sys.modules.get("peft.tuners.tuners_utils")  # without peft imported there are none
+    if peft_utils is None:
+        return []
+    out: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, peft_utils.BaseTunerLayer) and not any(name.startswith(f"{n}.") for n, _ in out):
+            out.append((name, module))
+    return out
+
+
+@contextlib.contextmanager
+def _without_lora_layers(model: nn.Module, wrappers: list[tuple[str, nn.Module]]):
+    """Within the block each peft LoRA layer is replaced by the layer it wraps: the model as without the LoRA."""
+    for name, wrapper in wrappers:
+        model.set_submodule(name, wrapper.get_base_layer())
+    try:
+        yield model
+    finally:
+        for name, wrapper in wrappers:
+            model.set_submodule(name, wrapper)
+
+
+def _freeze_lora(model: nn.Module, wrappers: list[tuple[str, nn.Module]]) -> None:
+    """Freeze the LoRA's parameters as `apply` freezes every host parameter (unload_sara restores them), so
+    `pv.summary` and `pv.save_adapter` see SaRA's values alone."""
+    state = get_state(model)
+    known = {id(p) for p, _ in state.original_requires_grad}
+    for _, wrapper in wrappers:
+        for param in wrapper.parameters():
+            if id(param) not in known:
+                state.original_requires_grad.append((param, param.requires_grad))
+                param.requires_grad_(False)
+    state.refresh_frozen(model)
 
 
 def _check_is_sara(directory: Path) -> None:
@@ -86,7 +149,8 @@ def load_official_checkpoint(model: nn.Module, checkpoint, **overrides) -> nn.Mo
     state = torch.load(checkpoint, map_location="cpu", weights_only=True) if source != "checkpoint" else checkpoint
     if not isinstance(state, dict) or "threshold" not in state:
         raise ValueError(f"{source}: not an official SaRA checkpoint (expected a dict with 'threshold' and integer keys)")
-    names = [n for n, _ in model.named_parameters()]
+    # as on the model without a diffusers LoRA (its lora_A / lora_B are not the host's tensors)
+    names = [n for n in (host_name(m) for m, _ in model.named_parameters()) if n is not None]
     values = {int(k): v for k, v in state.items() if k != "threshold"}
     bad = [k for k in values if not 0 <= k < len(names)]
     if bad:

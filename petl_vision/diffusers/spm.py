@@ -44,6 +44,8 @@ def load_spm(pipe, files, weights=None, transport: bool = True, official: bool =
     Everything is checked (keys, shapes, names) before the UNet is touched.
     """
     unet = pipeline_denoiser(pipe)
+    if not has_spm(unet):
+        spm_method.SPM.check_host(unet)  # an unsupported UNet is refused before its files are compared with it
     sources = [files] if isinstance(files, (str, os.PathLike, dict)) else list(files)
     if not sources:
         raise ValueError("load_spm: no file given")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 
 import torch
 from torch import nn
@@ -129,14 +130,34 @@ class SaRAModule(nn.Module):
         return named_deltas(self)
 
 
+# Modules of a peft LoRA that diffusers' `pipe.load_lora_weights` injects around a layer (kept as `base_layer`).
+_PEFT_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_dropout")
+
+
+def host_name(module_name: str) -> str | None:
+    """`module_name` as on the model without peft LoRA layers (``to_q.base_layer`` -> ``to_q``); None for a
+    module of the LoRA itself (lora_A, lora_B, ...): SaRA sparsifies the host's weights, not a loaded LoRA."""
+    parts = module_name.split(".") if module_name else []
+    if any(p in _PEFT_PARTS for p in parts):
+        return None
+    return ".".join(p for p in parts if p != "base_layer")
+
+
 def eligible_parameters(model: nn.Module, config: SaRAConfig, frozen_only: bool = True) -> list[tuple[str, nn.Module, str]]:
-    """(full name, owning module, attribute name) of the tensors SaRA may sparsify."""
+    """(full name, owning module, attribute name) of the tensors SaRA may sparsify.
+
+    Names are those of the model without peft LoRA layers (`host_name`), so a SaRA adapter fits its UNet
+    with or without a diffusers LoRA loaded; the LoRA's own tensors are never eligible.
+    """
     regex = re.compile(config.target_params) if config.target_params else None
     out, seen = [], set()
     for module_name, module in host_modules(model, exclude=classifier_modules(model)):
         if isinstance(module, (WrapperLayer, parametrize.ParametrizationList)) or ".parametrizations" in f".{module_name}":
             continue
         if config.module_types and not any(c.__name__ in config.module_types for c in type(module).__mro__):
+            continue
+        module_name = host_name(module_name)
+        if module_name is None:
             continue
         for attr, param in module.named_parameters(recurse=False):
             full = f"{module_name}.{attr}" if module_name else attr
@@ -160,6 +181,7 @@ def _register(model: nn.Module, config: SaRAConfig, deltas: dict[str, SparseDelt
         module.add(name, delta)
         parametrize.register_parametrization(owner, attr, _Parametrization(delta), unsafe=True)
     module.hook = model.register_state_dict_pre_hook(_write_all)
+    module.fuse_guard = model.register_forward_pre_hook(_refuse_fused_lora)
     heads = classifier_modules(model)
     if config.train_head or (config.train_head is None and heads):
         unfreeze_head(model, "sara")
@@ -261,7 +283,12 @@ def sara_module(model: nn.Module) -> SaRAModule:
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     host = getattr(model, "module", model) if get_state(model) is None else model
     path, _, attr = name.rpartition(".")
-    return host.get_submodule(path), attr
+    owner = host.get_submodule(path)
+    # A peft LoRA loaded after SaRA (pipe.load_lora_weights) wraps the parametrized layer as `base_layer`.
+    while (attr not in owner._parameters and not parametrize.is_parametrized(owner, attr)
+           and isinstance(getattr(owner, "base_layer", None), nn.Module)):
+        owner = owner.base_layer
+    return owner, attr
 
 
 def _write_all(model: nn.Module, prefix: str = "", keep_vars: bool = False) -> None:
@@ -273,10 +300,39 @@ def _write_all(model: nn.Module, prefix: str = "", keep_vars: bool = False) -> N
         delta.write(owner.parametrizations[attr].original)
 
 
+def fused_lora_layers(model: nn.Module) -> list[str]:
+    """Names of the peft LoRA layers fused into a weight SaRA writes (`pipe.fuse_lora()` after load_sara)."""
+    peft_utils = sys.modules.get("peft.tuners.tuners_utils")  # without peft imported there is no peft layer
+    if peft_utils is None or not any(isinstance(m, peft_utils.BaseTunerLayer) and m.merged for m in model.modules()):
+        return []
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, peft_utils.BaseTunerLayer) and module.merged:
+            base = module.get_base_layer()
+            if parametrize.is_parametrized(base) and any(
+                    isinstance(p, _Parametrization) for plist in base.parametrizations.values() for p in plist):
+                out.append(name)
+    return out
+
+
+def _refuse_fused_lora(model: nn.Module, args=()) -> None:
+    """Forward pre-hook (and merge / unload check): SaRA writes its values into the weights at every access,
+    so a LoRA fused into the same weights would silently lose its update at the selected entries."""
+    fused = fused_lora_layers(model)
+    if fused:
+        raise RuntimeError(
+            f"sara: a LoRA is fused into weights SaRA writes ({fused[:3]}{' ...' if len(fused) > 3 else ''}: pipe.fuse_lora()); SaRA "
+            "rewrites its entries at every forward, which would drop the fused update there. SaRA works next to an unfused "
+            "LoRA (pipe.load_lora_weights): call pipe.unfuse_lora() first"
+        )
+
+
 def _remove(model: nn.Module, restore: bool) -> None:
     """Write the values (merge) or the base (restore) into the host tensors and drop SaRA's state."""
     module = sara_module(model)
+    _refuse_fused_lora(model)
     module.hook.remove()
+    module.fuse_guard.remove()
     for name, delta in module.deltas().items():
         owner, attr = _owner(model, name)
         delta.write(owner.parametrizations[attr].original, restore=restore)

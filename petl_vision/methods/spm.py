@@ -41,6 +41,11 @@ from ._membrane import membrane_delta, merged_delta
 KEY_PREFIX = "lora_unet_"
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 _PEFT_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_dropout")
+# Layers inside a Transformer2DModel that are not the UNet's own: attention processors' layers (IP-Adapter's
+# to_k_ip / to_v_ip) and the fused copies `fuse_qkv_projections` adds next to to_q / to_k / to_v.
+_FOREIGN_PARTS = ("processor", "to_qkv", "to_kv", "to_added_qkv")
+SUPPORTED = ("diffusers UNet2DConditionModel whose cross-attention sits in Transformer2DModel blocks (CrossAttnDownBlock2D, "
+             "UNetMidBlock2DCrossAttn, CrossAttnUpBlock2D: Stable Diffusion 1.x / 2.x / XL layouts)")
 
 
 @dataclasses.dataclass
@@ -91,7 +96,8 @@ def target_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Official key -> nn.Linear / nn.Conv2d inside the UNet's Transformer2DModel blocks.
 
     Layers of a peft LoRA injected by diffusers (lora_A, lora_B, ...) are skipped; the layer a peft
-    wrapper holds as ``base_layer`` keeps the key of the path it wraps.
+    wrapper holds as ``base_layer`` keeps the key of the path it wraps. Layers of attention processors
+    (IP-Adapter's to_k_ip / to_v_ip) and fused projections (to_qkv, to_kv) are not the UNet's own: skipped.
     """
     diffusers = sys.modules.get("diffusers")
     if diffusers is None:
@@ -103,11 +109,31 @@ def target_layers(model: nn.Module) -> dict[str, nn.Module]:
             continue
         for child_name, child in module.named_modules():
             parts = child_name.split(".")
-            if not isinstance(child, (nn.Linear, nn.Conv2d)) or any(p in _PEFT_PARTS for p in parts):
+            if not isinstance(child, (nn.Linear, nn.Conv2d)) or any(p in _PEFT_PARTS or p in _FOREIGN_PARTS for p in parts):
                 continue
             path = ".".join(p for p in f"{name}.{child_name}".split(".") if p != "base_layer")
             out[official_key(path)] = child
     return out
+
+
+def unsupported_layout(model: nn.Module) -> str | None:
+    """Why SPM cannot cover this UNet (None when it can): cross-attention outside the Transformer2DModel
+    blocks (SimpleCrossAttn blocks: the membranes would leave that text path open), or fused attention
+    projections in use (the membranes on to_q / to_k / to_v would never run)."""
+    transformer_cls = sys.modules["diffusers"].Transformer2DModel
+    inside = {id(m) for _, t in host_modules(model) if isinstance(t, transformer_cls) for m in t.modules()}
+    outside, fused = [], []
+    for name, module in host_modules(model):
+        if getattr(module, "is_cross_attention", False) is True and id(module) not in inside and not any(p in _PEFT_PARTS for p in name.split(".")):
+            outside.append(name)
+        if id(module) in inside and "Fused" in type(getattr(module, "processor", None)).__name__:
+            fused.append(name)
+    if outside:
+        return (f"cross-attention layers outside Transformer2DModel blocks ({', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}: "
+                "SimpleCrossAttn blocks) would stay without membranes")
+    if fused:
+        return f"its attention projections are fused ({fused[0]}, ...: unet.fuse_qkv_projections()); call unet.unfuse_qkv_projections() first"
+    return None
 
 
 def is_unet(model: nn.Module) -> bool:
@@ -291,7 +317,10 @@ class SPM(Method):
                 f"method 'spm' needs a diffusers UNet2DConditionModel (Stable Diffusion 1.x / 2.x / XL); got {type(model).__name__}"
             )
         if not target_layers(model):
-            raise UnsupportedHostError("method 'spm' found no nn.Linear / nn.Conv2d inside a Transformer2DModel of this UNet")
+            raise UnsupportedHostError(f"method 'spm' found no nn.Linear / nn.Conv2d inside a Transformer2DModel of this UNet; it supports a {SUPPORTED}")
+        reason = unsupported_layout(model)
+        if reason:
+            raise UnsupportedHostError(f"method 'spm' cannot cover this UNet: {reason}; it supports a {SUPPORTED}")
 
     @classmethod
     def attach(cls, model: nn.Module, config: SPMConfig) -> None:
