@@ -135,3 +135,19 @@ def test_other_methods(pipeline_dir, data_dir, tmp_path, method):
         from diffusers import UNet2DConditionModel
 
         UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+
+
+def test_sdxl_style_unets_are_refused_by_the_training_scripts():
+    from diffusers import UNet2DConditionModel
+
+    from petl_vision.train.config import ConfigError
+    from petl_vision.train.diffusion import check_text_conditioned
+
+    common = dict(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
+                  norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    check_text_conditioned(UNet2DConditionModel(**common), "sd")  # SD 1.x / 2.x: accepted
+    sdxl = UNet2DConditionModel(**common, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=80)
+    with pytest.raises(ConfigError, match="sdxl-dir: the UNet needs conditioning besides text states.*text_time.*1.x / 2.x"):
+        check_text_conditioned(sdxl, "sdxl-dir")

@@ -131,17 +131,31 @@ def default_lr(cfg: DiffusionConfig) -> float:
     return 1e-4 if cfg.method.name == "lora" else 1e-5
 
 
+def check_text_conditioned(unet, model: str) -> None:
+    """ConfigError unless `unet` takes text states as its only condition (Stable Diffusion 1.x / 2.x).
+
+    The training scripts feed one CLIP text encoder's states; SDXL-style UNets also need pooled
+    text embeddings and time ids (`addition_embed_type`), class-conditioned ones class labels.
+    """
+    extra = {key: unet.config.get(key) for key in ("addition_embed_type", "class_embed_type") if unet.config.get(key)}
+    if extra:
+        raise ConfigError(f"{model}: the UNet needs conditioning besides text states ({extra}); the training scripts "
+                          "support Stable Diffusion 1.x / 2.x pipelines (one CLIP text encoder), not SDXL-style UNets yet")
+
+
 def load_components(cfg: DiffusionConfig) -> dict:
     """tokenizer, text_encoder, vae, unet and the DDPM noise scheduler of the pipeline `cfg.model`."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     kw = dict(revision=cfg.revision)
+    unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **kw)
+    check_text_conditioned(unet, cfg.model)
     return {
         "tokenizer": CLIPTokenizer.from_pretrained(cfg.model, subfolder="tokenizer", **kw),
         "text_encoder": CLIPTextModel.from_pretrained(cfg.model, subfolder="text_encoder", **kw),
         "vae": AutoencoderKL.from_pretrained(cfg.model, subfolder="vae", **kw),
-        "unet": UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **kw),
+        "unet": unet,
         "noise_scheduler": DDPMScheduler.from_pretrained(cfg.model, subfolder="scheduler"),
     }
 

@@ -39,7 +39,7 @@ import petl_vision as pv
 from petl_vision.methods.spm import membranes_disabled
 
 from .config import ConfigError, check_override, coerce, parse_override, read_mapping
-from .diffusion import resumable_state, save_checkpoint
+from .diffusion import check_text_conditioned, resumable_state, save_checkpoint
 
 
 @dataclass
@@ -147,10 +147,12 @@ def load_parts(cfg: EraseConfig) -> dict:
     except (OSError, ValueError):
         prediction_type = "epsilon"
     vae = AutoencoderKL.load_config(cfg.model, subfolder="vae", **kw)
+    unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **kw)
+    check_text_conditioned(unet, cfg.model)
     return {
         "tokenizer": CLIPTokenizer.from_pretrained(cfg.model, subfolder="tokenizer", **kw),
         "text_encoder": CLIPTextModel.from_pretrained(cfg.model, subfolder="text_encoder", **kw),
-        "unet": UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **kw),
+        "unet": unet,
         # The official DDIM (LECO's create_noise_scheduler): SD's betas, no clipping, default spacing.
         "scheduler": DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                                    clip_sample=False, prediction_type=prediction_type),
