@@ -71,8 +71,9 @@ class PetlState(nn.Module):
 
         A module whose parameters are all frozen runs in eval mode (dropout off, BatchNorm statistics
         fixed), as the frozen encoder does in the VPT and IDPT code. A norm layer with running
-        statistics is kept in eval mode unless all of its own parameters train. Parameter-free modules
-        (dropout, drop-path) follow their parent.
+        statistics is kept in eval mode unless all of its own parameters train (for a parametrized
+        weight or bias, its stored original: SSF's scale and shift on a norm do not unfreeze it).
+        Parameter-free modules (dropout, drop-path) follow their parent.
         """
         frozen: list[nn.Module] = []
 
@@ -83,6 +84,9 @@ class PetlState(nn.Module):
                     frozen.append(child)
                     continue
                 own = list(child.parameters(recurse=False))
+                plists = child._modules.get("parametrizations")
+                if plists is not None:  # parametrized tensors: their stored originals are the layer's own
+                    own += [p for plist in plists.values() for p in plist.parameters(recurse=False)]
                 if isinstance(child, _RUNNING_STAT_NORMS) and own and not all(p.requires_grad for p in own):
                     frozen.append(child)
                 visit(child)

@@ -50,8 +50,25 @@ def pool_tokens(x: torch.Tensor, kind: str, num_prefix_tokens: int) -> torch.Ten
     return x[:, 0] if kind == "token" else x[:, num_prefix_tokens:].mean(dim=1)
 
 
+# Methods whose own network replaces the model's output: applied together, only the last one's
+# output would remain and the others would silently get no gradient.
+OUTPUT_METHODS = ("hst", "lst", "unipt", "moment_probing")
+
+
+def check_single_output_method(model: nn.Module, method: str) -> None:
+    """Raise UnsupportedHostError when another method of OUTPUT_METHODS is applied to `model`."""
+    state = get_state(model)
+    others = [name for name in (state.method_names if state is not None else []) if name in OUTPUT_METHODS and name != method]
+    if others:
+        raise UnsupportedHostError(
+            f"method {method!r} replaces the model's output with its own network, and so does {others[0]!r}, already "
+            f"applied; apply only one of {', '.join(OUTPUT_METHODS)} to a model"
+        )
+
+
 def check_side_host(model: nn.Module, method: str) -> TokenHost:
     """The token host of `model`, which must also have a classifier head a side network can copy."""
+    check_single_output_method(model, method)
     host = token_host(model, method)
     heads = classifier_modules(model)
     if not heads:

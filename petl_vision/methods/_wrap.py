@@ -46,11 +46,28 @@ def select_targets(model: nn.Module, accept, pattern: str | None = None) -> list
 def linears_read_directly(model: nn.Module) -> set[int]:
     """ids of the nn.Linear layers whose parent reads `weight` and `bias` without calling them.
 
-    nn.MultiheadAttention's `out_proj` and the q/k/v/c projections of open_clip's ResNet attention
-    pool: a wrapper placed on them would never run, so methods must reach their tensors directly.
+    nn.MultiheadAttention's `out_proj`, the q/k/v/c projections of open_clip's ResNet attention
+    pool and the `qkv` of `split_bias_attentions`: a wrapper placed on them would never run, so
+    methods must reach their tensors directly.
     """
     ids = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    ids |= {id(m.qkv) for m in split_bias_attentions(model)}
     return ids | {id(m) for m in attention_pool_linears(model)}
+
+
+def split_bias_attentions(model: nn.Module) -> list[nn.Module]:
+    """Attention modules that read their `qkv` Linear's weight without calling it.
+
+    timm's Beit, Eva (EVA-02, the `vit_*_rope_*` models) and Swin V2 attentions with qkv bias keep
+    it as `q_bias`, `k_bias` (a zero buffer), `v_bias` and compute
+    ``F.linear(x, self.qkv.weight, cat(q_bias, k_bias, v_bias))`` unless `qkv_bias_separate` is set,
+    in which case they call ``self.qkv(x)`` and add the bias after it.
+    """
+    return [
+        m for m in model.modules()
+        if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "q_bias", None), torch.Tensor)
+        and not getattr(m, "qkv_bias_separate", False)
+    ]
 
 
 def _own_class(module: nn.Module) -> None:

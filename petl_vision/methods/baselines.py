@@ -10,7 +10,8 @@ from torch import nn
 
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import host_modules
-from ..hosts import unfreeze_head
+from ..core.errors import UnsupportedHostError
+from ..hosts import classifier_modules, unfreeze_head
 
 
 @dataclasses.dataclass
@@ -43,6 +44,15 @@ class Linear(Method):
     name = "linear"
     config_class = LinearConfig
     mergeable = True
+
+    @classmethod
+    def check_host(cls, model: nn.Module) -> None:
+        heads = classifier_modules(model)
+        if heads and not any(True for head in heads for _ in head.parameters()):
+            raise UnsupportedHostError(
+                f"method 'linear' trains only the classifier head, but {type(model).__name__}'s head "
+                f"({', '.join(type(h).__name__ for h in heads)}) has no parameters; create the model with num_classes > 0"
+            )
 
     @classmethod
     def attach(cls, model: nn.Module, config: LinearConfig) -> None:

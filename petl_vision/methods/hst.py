@@ -43,6 +43,7 @@ from ..core.errors import UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state
 from ..hosts import TokenHost, classifier_modules, token_host
+from ._side import check_single_output_method
 
 NUM_STAGES = 4
 STRIDES = (4, 8, 16, 32)  # of the pyramid levels, relative to the input image
@@ -312,11 +313,18 @@ class HST(Method):
         state = get_state(model)
         if state is not None and "vpt" in state.method_names:
             raise UnsupportedHostError("method 'hst' cannot be combined with 'vpt': both change the token layout of every block")
+        check_single_output_method(model, cls.name)
         host = token_host(model, cls.name)
         if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
             raise UnsupportedHostError(
                 f"method 'hst' needs an image token host (its side network reads patch maps); {type(model).__name__} "
                 "has no Conv2d patch embedding (supported: timm ViTs with depth >= 4)"
+            )
+        patch_drop = getattr(model, "patch_drop", None)
+        if getattr(patch_drop, "prob", 0.0) > 0.0:
+            raise UnsupportedHostError(
+                f"method 'hst' reads every block's patch tokens as a full (gh, gw) map, but {type(model).__name__} drops "
+                f"patch tokens in training (patch_drop_rate={patch_drop.prob}); create the model with patch_drop_rate=0"
             )
         if len(host.blocks) < NUM_STAGES:
             raise UnsupportedHostError(

@@ -5,7 +5,10 @@ head by default: on a ViT, attn.qkv, attn.proj, mlp.fc1, mlp.fc2) and, on CNNs, 
 (peft's Conv2d LoRA: `lora_A` a conv with the base's kernel, stride and padding down to r
 channels, `lora_B` a 1x1 conv up to the output channels), so the comparison with SSF and VPT runs
 through the same `apply` / `save_adapter` / `merge` API. `merge` uses peft's own layer merge and
-puts the base layers back, leaving a plain host model.
+puts the base layers back, leaving a plain host model. The `qkv` of timm's Beit, Eva and Swin V2
+attentions, which they read as ``F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias))``, is adapted
+by switching those attentions to their ``qkv_bias_separate`` path (call qkv, then add the bias) until
+the merge.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from ..core.errors import UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state
 from ..hosts import unfreeze_head
-from ._wrap import linears_read_directly, select_targets
+from ._wrap import linears_read_directly, select_targets, split_bias_attentions
 
 
 @dataclasses.dataclass
@@ -63,9 +66,19 @@ def _is_plain_conv(module: nn.Module) -> bool:
             and module.padding_mode == "zeros")
 
 
+# Set on an attention module of `split_bias_attentions` whose qkv LoRA adapts: it is switched to
+# `qkv_bias_separate=True` (call qkv, then add the bias: the same result) while LoRA is applied.
+_SWITCHED = "_petl_lora_qkv_bias_separate"
+
+
+def _switchable(model: nn.Module) -> dict[int, nn.Module]:
+    """id(qkv) -> attention module, for the split-bias attentions that can be made to call their qkv."""
+    return {id(m.qkv): m for m in split_bias_attentions(model) if hasattr(m, "qkv_bias_separate")}
+
+
 def _targets(model: nn.Module, include_conv: bool | None = None, pattern: str | None = None) -> list[str]:
     """Names of the layers LoRA adapts (see LoRAConfig.include_conv for when convs are included)."""
-    direct = linears_read_directly(model)
+    direct = set(linears_read_directly(model)) - set(_switchable(model))
 
     def linear(m: nn.Module) -> bool:
         return _is_linear(m) and id(m) not in direct
@@ -102,9 +115,14 @@ class LoRA(Method):
         from peft import inject_adapter_in_model
 
         trainable = [p for p in model.parameters() if p.requires_grad]
+        adapted = {id(model.get_submodule(n)) for n in names}
+        switch = [attn for qkv_id, attn in _switchable(model).items() if qkv_id in adapted]
         exact = "^(" + "|".join(map(re.escape, names)) + ")$"  # a list would also match name suffixes
         peft_config = PeftLoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=exact)
         inject_adapter_in_model(peft_config, model)
+        for attn in switch:  # the LoRA layer must be called: F.linear(x, qkv.weight, ...) would skip it
+            attn.qkv_bias_separate = True
+            setattr(attn, _SWITCHED, True)
         for param in trainable:  # peft freezes everything but LoRA; keep earlier methods trainable
             param.requires_grad_(True)
         if config.train_head:
@@ -117,3 +135,6 @@ class LoRA(Method):
             if isinstance(module, lora_layer):
                 module.merge()
                 model.set_submodule(name, module.get_base_layer())
+            if getattr(module, _SWITCHED, False):
+                module.qkv_bias_separate = False
+                delattr(module, _SWITCHED)

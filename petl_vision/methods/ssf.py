@@ -13,7 +13,9 @@ reached by a wrapper: the fused attention in-projection (`in_proj_weight`/`in_pr
 nn.MultiheadAttention and open_clip's Attention), nn.MultiheadAttention's `out_proj` and the
 projections of open_clip's ResNet attention pool. There SSF is a `torch.nn.utils.parametrize`
 parametrization, using that scaling a linear map's output channels scales the rows of W:
-``gamma * (W x + b) + beta = (diag(gamma) W) x + (gamma * b + beta)``.
+``gamma * (W x + b) + beta = (diag(gamma) W) x + (gamma * b + beta)``. Norm layers with a built-in
+activation (timm's BatchNormAct2d in EfficientNet, MobileNetV3, RegNet, ...) get the same
+parametrization of their affine weight and bias: SSF after the norm, before its activation.
 
 `merge` folds every scale/shift into the layer it follows, giving back a plain model.
 """
@@ -198,6 +200,38 @@ class RowScale(nn.Module):
         return f"rows={self.rows.start}:{self.rows.stop}"
 
 
+def _output_overwritten(model: nn.Module, name: str) -> bool:
+    """True when the output of layer `name` may be modified in place after it, so `ScaleShift`
+    (which keeps only that output for backward) cannot be used on it.
+
+    Detected: a sibling module running in place (the ReLU(inplace=True) after the first Linear of
+    Swin V2's position-bias MLP, an Mlp built with an in-place activation), and the `qkv` of an
+    attention with `qkv_bias_separate` set (timm Beit/Eva/Swin V2: ``qkv = self.qkv(x); qkv += bias``).
+    """
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if child == "qkv" and getattr(parent, "qkv_bias_separate", False) and getattr(parent, "q_bias", None) is not None:
+        return True
+    return any(getattr(m, "inplace", False) is True for key, m in parent.named_children() if key != child)
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def _is_norm_site(module: nn.Module) -> bool:
+    """A norm layer that SSF cannot wrap but can enter as a parametrization of its affine.
+
+    Subclasses of the norms in `_CHANNEL_DIM` such as timm's BatchNormAct2d, GroupNormAct and
+    LayerNormAct (the norm layers of EfficientNet, MobileNetV3, RegNet, ...) run an activation after
+    their affine ``w * x_hat + b``; SSF right after the affine is ``(s * w) * x_hat + (s * b + t)``.
+    Needs a per-channel (1-d) weight and bias.
+    """
+    if type(module) in _CHANNEL_DIM or not isinstance(module, _NORMS):
+        return False
+    weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+    return isinstance(weight, nn.Parameter) and isinstance(bias, nn.Parameter) and weight.ndim == 1 and weight.shape == bias.shape
+
+
 def _wrapper_targets(model: nn.Module, pattern: str | None = None) -> list[tuple[str, nn.Module, int]]:
     """(name, layer, output channels) of the called layers SSF wraps."""
     direct = linears_read_directly(model)
@@ -216,7 +250,9 @@ def _tensor_sites(model: nn.Module, pattern: str | None = None) -> list[tuple[st
 
     A fused attention in-projection (`in_proj_bias` with `in_proj_weight`, or with separate
     q/k/v_proj_weight) is the site `<module>.in_proj`; a linear of `linears_read_directly` is a
-    site of its own. Without a bias there is no tensor to carry the shift: such layers are skipped.
+    site of its own. Without a bias there is no tensor to carry the shift: such layers are skipped
+    (among them the `qkv` of timm's Beit, Eva and Swin V2 attentions, whose bias is split into
+    q_bias, a fixed zero k_bias buffer and v_bias). A norm layer of `_is_norm_site` is a site of its own.
     """
     direct = linears_read_directly(model)
     sites = []
@@ -234,6 +270,8 @@ def _tensor_sites(model: nn.Module, pattern: str | None = None) -> list[tuple[st
                 sites.append((f"{name}.in_proj" if name else "in_proj", module, "in_proj_bias", weights))
         if id(module) in direct and module.bias is not None:
             sites.append((name, module, "bias", [("weight", slice(0, module.out_features))]))
+        if _is_norm_site(module):
+            sites.append((name, module, "bias", [("weight", slice(0, module.weight.shape[0]))]))
     regex = re.compile(pattern) if pattern else None
     return [site for site in sites if regex is None or regex.search(site[0])]
 
@@ -260,7 +298,8 @@ class SSF(Method):
         if not targets and not sites:
             raise UnsupportedHostError(f"ssf: target_modules={config.target_modules!r} matches no eligible layer of {type(model).__name__}")
         for name, module, channels in targets:
-            layer = SSFLayer(module, channels, _CHANNEL_DIM[type(module)], config.init_std, config.save_output)
+            save_output = config.save_output and not _output_overwritten(model, name)
+            layer = SSFLayer(module, channels, _CHANNEL_DIM[type(module)], config.init_std, save_output)
             model.set_submodule(name, layer)
         for _, module, bias_attr, weights in sites:
             owner = BiasScaleShift(getattr(module, bias_attr).detach(), config.init_std, tuple(module._parameters))

@@ -3,8 +3,11 @@
 P learnable prompt tokens are inserted after the prefix tokens (CLS, registers) at the input of the
 first block: ``cat(x[:, :n_prefix], prompts, x[:, n_prefix:])``. They come after the position
 embedding, so they get none. Deep VPT replaces the prompt outputs of the previous block with fresh
-prompts before every block i >= 1. After the last block the prompt tokens are dropped, so the
-host's final norm, pooling and head see the usual token layout.
+prompts before every block i >= 1: it drops them after every block and inserts the next layer's
+before the next, so every block's output has the host's token layout (timm's
+`forward_intermediates` / `get_intermediate_layers` see no prompts). Shallow VPT's prompt outputs
+go on through every block; they are dropped after the last block, so the host's final norm,
+pooling and head see the usual token layout (its intermediate block outputs hold the prompts).
 
 Implemented with forward hooks on the host's blocks (found through the token-host interface);
 the prompts live in ``model.petl.vpt``.
@@ -18,6 +21,7 @@ import math
 import torch
 from torch import nn
 
+from ..core.errors import UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state
 from ..hosts import TokenHost, token_host, unfreeze_head
@@ -82,19 +86,13 @@ class VPTPrompts(nn.Module):
         return self.dropout(self.proj(self.prompts[layer])).unsqueeze(0).expand(batch, -1, -1)
 
     def insert(self, layer: int, block: nn.Module, args: tuple, kwargs: dict):
-        """Pre-hook of the first block: (B, N, D) -> (B, N + P, D)."""
+        """Pre-hook of the first block (deep: of every block): (B, N, D) -> (B, N + P, D)."""
         x, n = args[0], self.num_prefix_tokens
         x = torch.cat([x[:, :n], self.layer_prompts(layer, x.shape[0]).to(x.dtype), x[:, n:]], dim=1)
         return (x,) + args[1:], kwargs
 
-    def replace(self, layer: int, block: nn.Module, args: tuple, kwargs: dict):
-        """Pre-hook of block i >= 1 (deep): swap the previous prompt outputs for layer i's prompts."""
-        x, n, p = args[0], self.num_prefix_tokens, self.num_prompts
-        x = torch.cat([x[:, :n], self.layer_prompts(layer, x.shape[0]).to(x.dtype), x[:, n + p:]], dim=1)
-        return (x,) + args[1:], kwargs
-
     def remove(self, block: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        """Hook after the last block: (B, N + P, D) -> (B, N, D)."""
+        """Hook after the last block (deep: after every block): (B, N + P, D) -> (B, N, D)."""
         n, p = self.num_prefix_tokens, self.num_prompts
         return torch.cat([output[:, :n], output[:, n + p:]], dim=1)
 
@@ -107,6 +105,9 @@ class VPT(Method):
 
     @classmethod
     def check_host(cls, model: nn.Module) -> None:
+        state = get_state(model)
+        if state is not None and "hst" in state.method_names:
+            raise UnsupportedHostError("method 'vpt' cannot be combined with 'hst': both change the token layout of every block")
         token_host(model, cls.name)
 
     @classmethod
@@ -114,10 +115,12 @@ class VPT(Method):
         host = token_host(model, cls.name)
         prompts = VPTPrompts(host, config)
         get_state(model).add_module("vpt", prompts)
-        host.blocks[0].register_forward_pre_hook(functools.partial(prompts.insert, 0), with_kwargs=True)
-        if config.deep:
-            for i, block in enumerate(host.blocks[1:], start=1):
-                block.register_forward_pre_hook(functools.partial(prompts.replace, i), with_kwargs=True)
-        host.blocks[-1].register_forward_hook(prompts.remove)
+        if config.deep:  # every block: insert its prompts before it, drop their outputs after it
+            for i, block in enumerate(host.blocks):
+                block.register_forward_pre_hook(functools.partial(prompts.insert, i), with_kwargs=True)
+                block.register_forward_hook(prompts.remove)
+        else:  # the prompts' outputs carry on through every block
+            host.blocks[0].register_forward_pre_hook(functools.partial(prompts.insert, 0), with_kwargs=True)
+            host.blocks[-1].register_forward_hook(prompts.remove)
         if config.train_head:
             unfreeze_head(model, cls.name)
