@@ -364,7 +364,7 @@ def test_spm_next_to_diffusers_lora(tmp_path, lora_files, order):
 
     state = copy.deepcopy(pipe)  # unload in the other order on a copy
     unload(pipe)
-    torch.testing.assert_close(run(pipe.unet), run(only_lora.unet), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(run(pipe.unet), run(only_lora.unet), atol=1e-5, rtol=1e-5)
     pipe.unload_lora_weights()
     assert torch.equal(run(pipe.unet), base)
     state.unload_lora_weights()
@@ -394,17 +394,17 @@ def test_sara_next_to_diffusers_lora(tmp_path, lora_files, order, source):
         pipe.load_lora_weights(lora_files["lora"])
     deltas = sara.sara_module(pipe.unet).deltas()
     assert sorted(deltas) == names and not any("lora" in n or "base_layer" in n for n in deltas)
-    torch.testing.assert_close(run(frozen(copy.deepcopy(pipe.unet))), run(frozen(copy.deepcopy(reference.unet))), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(run(frozen(copy.deepcopy(pipe.unet))), run(frozen(copy.deepcopy(reference.unet))), atol=1e-5, rtol=1e-5)
     if order == "lora_first":  # the LoRA is frozen with the host while SaRA is loaded; SaRA's values alone are trainable
         assert pv.summary(pipe.unet).trainable == sum(d.values.numel() for d in deltas.values())
 
     state, fused = copy.deepcopy(pipe), copy.deepcopy(pipe)  # the other unload order, and fusing, on copies
     pv.diffusers.unload_sara(pipe)
-    torch.testing.assert_close(run(frozen(pipe.unet)), run(frozen(only_lora.unet)), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(run(frozen(pipe.unet)), run(frozen(only_lora.unet)), atol=1e-5, rtol=1e-5)
     pipe.unload_lora_weights()
     assert torch.equal(run(pipe.unet), base)
     state.unload_lora_weights()
-    torch.testing.assert_close(run(frozen(state.unet)), sara_alone, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(run(frozen(state.unet)), sara_alone, atol=1e-5, rtol=1e-5)
     pv.diffusers.unload_sara(state)
     assert torch.equal(run(state.unet), base)
 
