@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import Transformer2DModel, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
+from conftest import perturb_trainable as perturb
 from test_sara import one_thread, tiny_pipeline, tiny_unet, unet_inputs  # noqa: F401  (one_thread: module-wide fixture)
 from torch import nn
 
@@ -137,15 +138,6 @@ def test_unsupported_hosts():
         assert not hasattr(model, "petl")
     with pytest.raises(ValueError, match="membranes: invalid names"):
         pv.SPMConfig(membranes=("a.b",))
-
-
-def perturb(unet, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in unet.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return unet
 
 
 @pytest.mark.parametrize("official", [False, True])

@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
+from conftest import perturb_trainable as perturb
 from test_sara import one_thread, tiny_pipeline, write_tokenizer  # noqa: F401  (one_thread: module-wide fixture)
 from test_spm import transformer_layers, write_official
 from torch import nn
@@ -85,15 +86,6 @@ def frozen(model):
     """Every parameter frozen: F.linear takes other kernels for a weight that requires grad (even under
     no_grad), so bit-for-bit comparisons need the same flags on both sides."""
     return model.requires_grad_(False)
-
-
-def perturb(unet, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in unet.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return unet
 
 
 def host_weights(model):
