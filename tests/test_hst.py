@@ -261,3 +261,13 @@ def test_hst_on_the_open_clip_visual_tower():
     assert any("ln_1" in n for n, p in clf.named_parameters() if p.requires_grad)  # block norms train
     pyramid = feature_pyramid(clf, x)
     assert [tuple(f.shape) for f in pyramid] == [(2, 8, 8, 8), (2, 8, 4, 4), (2, 8, 2, 2), (2, 8, 1, 1)]
+
+
+def test_dynamic_img_pad_sizes_not_divisible_by_the_patch():
+    model = pv.apply(tiny_vit(dynamic_img_size=True, dynamic_img_pad=True), "hst")
+    for size in (64, 68, 76):  # 68, 76: padded up to 9 and 10 patches
+        pyramid = feature_pyramid(model, images((size, size)))
+        assert [tuple(p.shape[-2:]) for p in pyramid] == [(math.ceil(size / s),) * 2 for s in STRIDES]
+        assert all(torch.isfinite(p).all() for p in pyramid)
+        logits = model(images((size, size)))
+        assert logits.shape == (2, model.num_classes) and torch.isfinite(logits).all()

@@ -259,6 +259,9 @@ class HSTNetwork(nn.Module):
         if len(maps) != depth:
             raise RuntimeError(f"hst: recorded {len(maps)} block outputs in this forward, expected {depth} (one per block)")
         grid = (image.shape[-2] // self.patch_size[0], image.shape[-1] // self.patch_size[1])
+        padded = (-(-image.shape[-2] // self.patch_size[0]), -(-image.shape[-1] // self.patch_size[1]))
+        if maps[0].shape[1] == padded[0] * padded[1]:  # timm's dynamic_img_pad pads the image up to whole patches
+            grid = padded
         if maps[0].shape[1] != grid[0] * grid[1]:
             raise RuntimeError(
                 f"hst: blocks output {maps[0].shape[1]} patch tokens for a {tuple(image.shape[-2:])} image, expected "
