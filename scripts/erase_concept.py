@@ -1,4 +1,4 @@
-"""Erase a concept from a Stable Diffusion UNet with an SPM membrane (official SPM recipe by default).
+"""Erase a concept from a Stable Diffusion (1.x, 2.x or SDXL) UNet with an SPM membrane (official SPM recipe by default).
 
     python scripts/erase_concept.py --model CompVis/stable-diffusion-v1-4 --concept "snoopy"
     python scripts/erase_concept.py --model PIPELINE_DIR --concept "van gogh" --config configs/methods/spm.yaml max_steps=1000

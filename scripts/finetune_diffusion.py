@@ -1,4 +1,4 @@
-"""Fine-tune a Stable Diffusion UNet on a captioned image folder with SaRA (default), LoRA or full FT.
+"""Fine-tune a Stable Diffusion (1.x, 2.x or SDXL) UNet on a captioned image folder with SaRA (default), LoRA or full FT.
 
     python scripts/finetune_diffusion.py --model runwayml/stable-diffusion-v1-5 --data data/Barbie \
         --config configs/sd15_sara.yaml caption_prefix="Barbie style, " validation_prompt="a man wearing a jacket"

@@ -137,7 +137,8 @@ def test_other_methods(pipeline_dir, data_dir, tmp_path, method):
         UNet2DConditionModel.from_pretrained(tmp_path / "unet")
 
 
-def test_sdxl_style_unets_are_refused_by_the_training_scripts():
+def test_unet_conditioning_check():
+    """SD 1.x / 2.x and SDXL-style UNets train; erase_concept refuses SDXL; other conditioning is refused."""
     from diffusers import UNet2DConditionModel
 
     from petl_vision.train.config import ConfigError
@@ -149,5 +150,8 @@ def test_sdxl_style_unets_are_refused_by_the_training_scripts():
     check_text_conditioned(UNet2DConditionModel(**common), "sd")  # SD 1.x / 2.x: accepted
     sdxl = UNet2DConditionModel(**common, addition_embed_type="text_time", addition_time_embed_dim=8,
                                 projection_class_embeddings_input_dim=80)
+    check_text_conditioned(sdxl, "sdxl-dir")  # SDXL: accepted by finetune_diffusion
     with pytest.raises(ConfigError, match="sdxl-dir: the UNet needs conditioning besides text states.*text_time.*1.x / 2.x"):
-        check_text_conditioned(sdxl, "sdxl-dir")
+        check_text_conditioned(sdxl, "sdxl-dir", sdxl=False)
+    with pytest.raises(ConfigError, match="class-dir: the UNet needs conditioning besides text states.*class_embed_type"):
+        check_text_conditioned(UNet2DConditionModel(**common, class_embed_type="timestep"), "class-dir")

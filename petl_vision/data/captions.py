@@ -94,3 +94,27 @@ class CaptionedImageFolder(Dataset):
         image = load_rgb(path)
         caption = texts[0] if len(texts) == 1 else random.choice(texts)
         return (self.transform(image) if self.transform is not None else image), self.caption_prefix + caption
+
+
+def sdxl_image_transform(resolution: int, center_crop: bool = False, random_flip: bool = False):
+    """PIL RGB -> ((3, resolution, resolution) in [-1, 1], original (h, w), crop top-left (top, left)), as
+    diffusers' SDXL text-to-image script: resize the short side, flip, crop (the crop in resized pixels)."""
+    from torchvision import transforms
+    from torchvision.transforms import functional as TF
+
+    resize = transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR)
+    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+
+    def transform(image):
+        original = (image.height, image.width)
+        image = resize(image)
+        if random_flip and random.random() < 0.5:
+            image = TF.hflip(image)
+        if center_crop:
+            top, left = max(0, int(round((image.height - resolution) / 2.0))), max(0, int(round((image.width - resolution) / 2.0)))
+        else:
+            top, left, _, _ = transforms.RandomCrop.get_params(image, (resolution, resolution))
+        image = TF.crop(image, top, left, resolution, resolution)
+        return to_tensor(image), original, (top, left)
+
+    return transform

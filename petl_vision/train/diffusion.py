@@ -10,6 +10,11 @@ Every applied method takes part through its training hooks (`MethodHooks` of the
 trainer): its extra loss is added to the noise-prediction loss and its `on_step` runs after each
 optimizer step. SaRA thereby adds its nuclear-norm regulariser every step and re-selects its
 trainable entries at the configured step (half of training by default), keeping the optimizer.
+
+SDXL pipelines (UNets with ``addition_embed_type="text_time"``) train as diffusers' SDXL text-to-image
+script does (see conditioning.py): both text encoders' penultimate states concatenated, text_encoder_2's
+pooled embeddings and the time ids (original size, crop top-left, target size) of each image, the
+VAE kept in fp32 (SDXL's VAE overflows in fp16), validation with StableDiffusionXLPipeline.
 """
 from __future__ import annotations
 
@@ -28,7 +33,8 @@ import torch.nn.functional as F
 import yaml
 
 import petl_vision as pv
-from petl_vision.data.captions import CaptionedImageFolder, image_transform
+from petl_vision.data.captions import CaptionedImageFolder, image_transform, sdxl_image_transform
+from .conditioning import ConditioningError, TextConditioning, is_sdxl
 from .config import ConfigError, MethodSection, check_override, coerce, merge_dicts, nested, parse_override, read_mapping
 from .trainer import MethodHooks, TrainState
 
@@ -42,7 +48,7 @@ class DiffusionConfig:
     """Every field is a YAML key of configs/sd15_sara.yaml and a `key=value` override.
 
     model: a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
-        scheduler/) or a hub id (needs network). data: a captioned image folder (data.captions).
+        scheduler/; SDXL: also text_encoder_2/, tokenizer_2/) or a hub id (needs network). data: a captioned image folder (data.captions).
     method: {name: sara | lora | full, ...config fields}; lora defaults to LORA_DEFAULTS.
     lr: None = the method's rule: SaRA 1e-3 * exp(-350 * threshold) (official), LoRA 1e-4, full 1e-5.
     lr_scheduler: any name of diffusers.optimization.get_scheduler (cosine, constant, linear, ...).
@@ -131,29 +137,36 @@ def default_lr(cfg: DiffusionConfig) -> float:
     return 1e-4 if cfg.method.name == "lora" else 1e-5
 
 
-def check_text_conditioned(unet, model: str) -> None:
-    """ConfigError unless `unet` takes text states as its only condition (Stable Diffusion 1.x / 2.x).
+def check_text_conditioned(unet, model: str, sdxl: bool = True) -> None:
+    """ConfigError unless `unet` is conditioned like Stable Diffusion 1.x / 2.x (text states alone) or,
+    with `sdxl`, like SDXL (text states, pooled text embeddings and time ids: addition_embed_type "text_time").
 
-    The training scripts feed one CLIP text encoder's states; SDXL-style UNets also need pooled
-    text embeddings and time ids (`addition_embed_type`), class-conditioned ones class labels.
+    Other conditioning (class labels, image embeddings, other addition_embed_types) is refused.
     """
     extra = {key: unet.config.get(key) for key in ("addition_embed_type", "class_embed_type") if unet.config.get(key)}
+    if sdxl and is_sdxl(unet) and not unet.config.get("class_embed_type"):
+        return
     if extra:
+        supported = ("Stable Diffusion 1.x / 2.x and SDXL pipelines" if sdxl else
+                     "Stable Diffusion 1.x / 2.x pipelines (one CLIP text encoder), not SDXL-style UNets yet")
         raise ConfigError(f"{model}: the UNet needs conditioning besides text states ({extra}); the training scripts "
-                          "support Stable Diffusion 1.x / 2.x pipelines (one CLIP text encoder), not SDXL-style UNets yet")
+                          f"support {supported}")
 
 
 def load_components(cfg: DiffusionConfig) -> dict:
-    """tokenizer, text_encoder, vae, unet and the DDPM noise scheduler of the pipeline `cfg.model`."""
+    """conditioning (a TextConditioning: the tokenizer(s) and text encoder(s)), vae, unet and the DDPM
+    noise scheduler of the pipeline `cfg.model`."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     kw = dict(revision=cfg.revision)
     unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **kw)
     check_text_conditioned(unet, cfg.model)
+    try:
+        conditioning = TextConditioning.from_pretrained(cfg.model, unet, cfg.revision)
+    except ConditioningError as e:
+        raise ConfigError(str(e)) from e
     return {
-        "tokenizer": CLIPTokenizer.from_pretrained(cfg.model, subfolder="tokenizer", **kw),
-        "text_encoder": CLIPTextModel.from_pretrained(cfg.model, subfolder="text_encoder", **kw),
+        "conditioning": conditioning,
         "vae": AutoencoderKL.from_pretrained(cfg.model, subfolder="vae", **kw),
         "unet": unet,
         "noise_scheduler": DDPMScheduler.from_pretrained(cfg.model, subfolder="scheduler"),
@@ -182,10 +195,12 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
         (out / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
 
     parts = load_components(cfg)
-    tokenizer, text_encoder, vae, unet, noise_scheduler = (parts[k] for k in ("tokenizer", "text_encoder", "vae", "unet", "noise_scheduler"))
+    conditioning, vae, unet, noise_scheduler = (parts[k] for k in ("conditioning", "vae", "unet", "noise_scheduler"))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    vae.requires_grad_(False).to(accelerator.device, weight_dtype).eval()
-    text_encoder.requires_grad_(False).to(accelerator.device, weight_dtype).eval()
+    # diffusers' SDXL script keeps SDXL's VAE in fp32 (it overflows in fp16); SD's VAE follows the mixed precision.
+    vae_dtype = torch.float32 if conditioning.sdxl and vae.config.get("force_upcast", True) else weight_dtype
+    vae.requires_grad_(False).to(accelerator.device, vae_dtype).eval()
+    conditioning.requires_grad_(False).to(accelerator.device, weight_dtype).eval()
     unet.to(accelerator.device)
     pv.apply(unet, cfg.method.name, **method_overrides(cfg))
     hooks = MethodHooks(unet, cfg.max_steps, seed=cfg.seed)
@@ -193,12 +208,11 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
         raise ConfigError(f"method {hooks.owner[0].name!r} computes its own gradients; the diffusion loop does not support that")
     trainable = [p for p in unet.parameters() if p.requires_grad]
 
-    dataset = CaptionedImageFolder(cfg.data, image_transform(cfg.resolution, cfg.center_crop, cfg.random_flip), cfg.caption_prefix)
+    transform = (sdxl_image_transform if conditioning.sdxl else image_transform)(cfg.resolution, cfg.center_crop, cfg.random_flip)
+    dataset = CaptionedImageFolder(cfg.data, transform, cfg.caption_prefix)
 
     def collate(items):
-        ids = tokenizer([c for _, c in items], max_length=tokenizer.model_max_length, padding="max_length",
-                        truncation=True, return_tensors="pt").input_ids
-        return torch.stack([x for x, _ in items]), ids
+        return collate_captioned(items, conditioning, cfg.resolution)
 
     loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, shuffle=True, collate_fn=collate, num_workers=cfg.num_workers)
     optimizer = torch.optim.AdamW(trainable, lr=default_lr(cfg), betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
@@ -218,9 +232,9 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
         epoch, done_in_epoch = divmod(state.step, steps_per_epoch)
         loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, done_in_epoch * cfg.grad_accum_steps) if done_in_epoch else loader
-        for pixels, input_ids in batches:
+        for pixels, batch in batches:
             with accelerator.accumulate(unet):
-                loss = noise_prediction_loss(unet, vae, text_encoder, noise_scheduler, pixels, input_ids, weight_dtype)
+                loss = noise_prediction_loss(unet, vae, conditioning, noise_scheduler, pixels, batch, weight_dtype)
                 accelerator.backward(hooks.loss(loss))
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)  # the frozen ones have no .grad
@@ -260,11 +274,31 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
     return result
 
 
-def noise_prediction_loss(unet, vae, text_encoder, noise_scheduler, pixels, input_ids, weight_dtype) -> torch.Tensor:
-    """MSE between the UNet's prediction and the noise (epsilon) or velocity (v_prediction) target."""
+def collate_captioned(items, conditioning: TextConditioning, resolution: int):
+    """(pixels (B, 3, H, W), {"input_ids": [ids per tokenizer], "time_ids": (B, 6) for SDXL}).
+
+    Items are (image, caption) with image a tensor or (tensor, original (h, w), crop (top, left)); SDXL
+    time ids use the image's original size and crop when given, else (resolution, resolution) and (0, 0).
+    """
+    images = [x[0] if isinstance(x, tuple) else x for x, _ in items]
+    batch = {"input_ids": conditioning.tokenize([c for _, c in items])}
+    if conditioning.sdxl:
+        size = (resolution, resolution)
+        original = [x[1] if isinstance(x, tuple) else size for x, _ in items]
+        crops = [x[2] if isinstance(x, tuple) else (0, 0) for x, _ in items]
+        batch["time_ids"] = conditioning.time_ids(original, crops, size)
+    return torch.stack(images), batch
+
+
+def noise_prediction_loss(unet, vae, conditioning: TextConditioning, noise_scheduler, pixels, batch: dict, weight_dtype) -> torch.Tensor:
+    """MSE between the UNet's prediction and the noise (epsilon) or velocity (v_prediction) target.
+
+    batch: collate_captioned's {"input_ids", "time_ids" (SDXL)}.
+    """
     with torch.no_grad():
-        latents = vae.encode(pixels.to(weight_dtype)).latent_dist.sample() * vae.config.scaling_factor
-        encoder_hidden_states = text_encoder(input_ids)[0]
+        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+        states, pooled = conditioning.encode(batch["input_ids"])
+        unet_kwargs = conditioning.unet_kwargs(states, pooled, batch.get("time_ids"))
     noise = torch.randn_like(latents)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -275,19 +309,26 @@ def noise_prediction_loss(unet, vae, text_encoder, noise_scheduler, pixels, inpu
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"noise scheduler prediction_type {prediction_type!r}: expected 'epsilon' or 'v_prediction'")
-    prediction = unet(noisy, timesteps, encoder_hidden_states).sample
+    prediction = unet(noisy, timesteps, **unet_kwargs).sample
     return F.mse_loss(prediction.float(), target.float())
 
 
 @torch.no_grad()
 def validate(cfg: DiffusionConfig, parts: dict, unet, accelerator, step: int, weight_dtype) -> list[Path]:
     """Generate `num_validation_images` for `validation_prompt`; saved as validation/step_<n>_<i>.png."""
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(
-        cfg.model, unet=unet, vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
-        revision=cfg.revision, safety_checker=None, requires_safety_checker=False,
-    )
+    conditioning = parts["conditioning"]
+    if conditioning.sdxl:
+        encoders = dict(zip(("tokenizer_2", "text_encoder_2"), (conditioning.tokenizers[-1], conditioning.text_encoders[-1])))
+        if len(conditioning.text_encoders) == 2:
+            encoders.update(tokenizer=conditioning.tokenizers[0], text_encoder=conditioning.text_encoders[0])
+        pipe = StableDiffusionXLPipeline.from_pretrained(cfg.model, unet=unet, vae=parts["vae"], revision=cfg.revision, **encoders)
+    else:
+        pipe = DiffusionPipeline.from_pretrained(
+            cfg.model, unet=unet, vae=parts["vae"], text_encoder=conditioning.text_encoders[0], tokenizer=conditioning.tokenizers[0],
+            revision=cfg.revision, safety_checker=None, requires_safety_checker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
     unet.eval()
     generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)

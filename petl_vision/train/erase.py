@@ -14,6 +14,15 @@ Each step (official `train_spm.py`):
    [uncond, a_3, uncond, a_4] (the second half of the interleaved [uncond, a_i] batch):
    `official_anchor_batch` reproduces that; the default uses the 4 anchors, as the paper says.
 
+SDXL (UNets with addition_embed_type "text_time"; the official code is SD 1.x / 2.x only): every prompt
+is encoded as diffusers' SDXL pipeline does (conditioning.py: both encoders' penultimate states
+concatenated, text_encoder_2's pooled embeddings); the unconditional prompt is encoded too (not zeroed as
+the pipeline's force_zeros_for_empty_prompt would). time ids are those of the pipeline at inference for
+the step's latent size: original = target = (h, w) in pixels, crop (0, 0). An anchor is a pair
+(states, pooled), each drawn by the official rule above from its own part of the concept: states around
+the concept's states and their norm, pooled around the concept's pooled embedding and its norm (both random
+directions, so an anchor is "some other prompt" in both inputs the UNet reads text from).
+
 Defaults are the official snoopy recipe (SD 1.4, rank 1, alpha 1, 3000 steps, batch 1, lr 1e-4,
 cosine with 3 restarts, 500 warm-up steps, 512 px with dynamic resolution, no gradient clipping).
 The official optimizer is bitsandbytes' AdamW8bit (`optimizer: adamw8bit`); the default `adamw`
@@ -38,6 +47,7 @@ import yaml
 import petl_vision as pv
 from petl_vision.methods.spm import membranes_disabled
 
+from .conditioning import ConditioningError, TextConditioning
 from .config import ConfigError, check_override, coerce, parse_override, read_mapping
 from .diffusion import check_text_conditioned, resumable_state, save_checkpoint
 
@@ -137,9 +147,9 @@ def _field(value, tp, source: str, key: str):
 
 
 def load_parts(cfg: EraseConfig) -> dict:
-    """tokenizer, text_encoder, unet, the official DDIM scheduler and the VAE's scale factor."""
+    """conditioning (TextConditioning: tokenizer(s) and text encoder(s)), unet, the official DDIM scheduler
+    and the VAE's scale factor."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     kw = dict(revision=cfg.revision)
     try:
@@ -149,9 +159,12 @@ def load_parts(cfg: EraseConfig) -> dict:
     vae = AutoencoderKL.load_config(cfg.model, subfolder="vae", **kw)
     unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **kw)
     check_text_conditioned(unet, cfg.model)
+    try:
+        conditioning = TextConditioning.from_pretrained(cfg.model, unet, cfg.revision)
+    except ConditioningError as e:
+        raise ConfigError(str(e)) from e
     return {
-        "tokenizer": CLIPTokenizer.from_pretrained(cfg.model, subfolder="tokenizer", **kw),
-        "text_encoder": CLIPTextModel.from_pretrained(cfg.model, subfolder="text_encoder", **kw),
+        "conditioning": conditioning,
         "unet": unet,
         # The official DDIM (LECO's create_noise_scheduler): SD's betas, no clipping, default spacing.
         "scheduler": DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -197,37 +210,59 @@ def latent_size(cfg: EraseConfig, vae_scale: int) -> tuple[int, int]:
     return tuple(int(torch.randint(low, high, (1,)).item()) * step for _ in range(2))
 
 
-def erase_step(cfg: EraseConfig, unet, plain_unet, scheduler, embeds: dict, vae_scale: int, device) -> dict:
-    """One training step's losses {"loss", "erase", "anchor"} (the graph is on "loss")."""
+def erase_step(cfg: EraseConfig, unet, plain_unet, scheduler, embeds: dict, vae_scale: int, device, pooled: dict | None = None) -> dict:
+    """One training step's losses {"loss", "erase", "anchor"} (the graph is on "loss").
+
+    embeds: prompt key -> text states (1, L, D); pooled: prompt key -> pooled embeddings (1, P) for SDXL
+    UNets (None: SD 1.x / 2.x, the states alone).
+    """
     T = cfg.max_denoising_steps
     b = cfg.batch_size
 
     def rows(e):  # (1, L, D) -> (b, L, D)
         return e.expand(b, *e.shape[1:])
 
+    time_ids = None
+
+    def text(states, pooled_embeds=None):
+        """The UNet's text conditioning kwargs: the states, and for SDXL the pooled embeddings and time ids."""
+        if pooled is None:
+            return {"encoder_hidden_states": states}
+        return {"encoder_hidden_states": states,
+                "added_cond_kwargs": {"text_embeds": pooled_embeds, "time_ids": time_ids.expand(states.shape[0], -1)}}
+
+    def prompt(key):
+        return text(rows(embeds[key]), rows(pooled[key]) if pooled is not None else None)
+
     with torch.no_grad():
         scheduler.set_timesteps(T, device=device)
         t_to = int(torch.randint(1, T, (1,)).item())
         h, w = latent_size(cfg, vae_scale)
+        if pooled is not None:  # the pipeline's time ids at inference: original = target = the image size, no crop
+            time_ids = TextConditioning.time_ids((h * vae_scale, w * vae_scale), (0, 0), (h * vae_scale, w * vae_scale), device=device)
         x = (torch.randn(b, plain_unet.config.in_channels, h, w) * scheduler.init_noise_sigma).to(device)
-        cond = torch.cat([rows(embeds["unconditional"]), rows(embeds["concept"])])
+        cond = text(torch.cat([rows(embeds["unconditional"]), rows(embeds["concept"])]),
+                    torch.cat([rows(pooled["unconditional"]), rows(pooled["concept"])]) if pooled is not None else None)
         for t in scheduler.timesteps[:t_to]:  # membrane on
-            uncond, text = unet(torch.cat([x, x]), t, cond).sample.chunk(2)
-            x = scheduler.step(uncond + cfg.sampling_guidance * (text - uncond), t, x).prev_sample
+            uncond, guided = unet(torch.cat([x, x]), t, **cond).sample.chunk(2)
+            x = scheduler.step(uncond + cfg.sampling_guidance * (guided - uncond), t, x).prev_sample
         scheduler.set_timesteps(1000)
         t_cur = scheduler.timesteps[int(t_to * 1000 / T)].to(device)
         with membranes_disabled(plain_unet):
-            positive = unet(x, t_cur, rows(embeds["positive"])).sample.float()
-            neutral = unet(x, t_cur, rows(embeds["surrogate"])).sample.float()
-    prediction = unet(x, t_cur, rows(embeds["concept"])).sample.float()
+            positive = unet(x, t_cur, **prompt("positive")).sample.float()
+            neutral = unet(x, t_cur, **prompt("surrogate")).sample.float()
+    prediction = unet(x, t_cur, **prompt("concept")).sample.float()
     erase = F.mse_loss(prediction, neutral - cfg.erase_guidance * (positive - neutral))
     losses = {"loss": erase, "erase": erase.detach(), "anchor": torch.zeros(())}
     if cfg.latent_anchoring:
         anchors = anchor_batch(sample_anchors(embeds["concept"], cfg.anchors), embeds["unconditional"], cfg.official_anchor_batch)
+        pooled_anchors = (anchor_batch(sample_anchors(pooled["concept"], cfg.anchors), pooled["unconditional"], cfg.official_anchor_batch)
+                          if pooled is not None else None)
+        anchor_text = text(anchors, pooled_anchors)
         xa = x.repeat(cfg.anchors // b, 1, 1, 1)
-        anchored = unet(xa, t_cur, anchors).sample.float()
+        anchored = unet(xa, t_cur, **anchor_text).sample.float()
         with torch.no_grad(), membranes_disabled(plain_unet):
-            original = unet(xa, t_cur, anchors).sample.float()
+            original = unet(xa, t_cur, **anchor_text).sample.float()
         anchor = F.mse_loss(anchored, original)
         losses["loss"] = erase + cfg.anchor_strength * anchor
         losses["anchor"] = anchor.detach()
@@ -254,15 +289,16 @@ def train_erasure(cfg: EraseConfig, resume: str | Path | bool | None = None, sto
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     parts = load_parts(cfg)
-    tokenizer, text_encoder, unet, scheduler = (parts[k] for k in ("tokenizer", "text_encoder", "unet", "scheduler"))
+    conditioning, unet, scheduler = parts.pop("conditioning"), parts["unet"], parts["scheduler"]
     device = accelerator.device
-    text_encoder.requires_grad_(False).to(device).eval()
+    conditioning.requires_grad_(False).to(device).eval()
     prompts = {"concept": cfg.concept, "positive": cfg.positive if cfg.positive is not None else cfg.concept,
                "surrogate": cfg.surrogate, "unconditional": cfg.unconditional}
     with torch.no_grad():
-        embeds = {k: text_encoder(tokenizer([p], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                                            return_tensors="pt").input_ids.to(device))[0] for k, p in prompts.items()}
-    del text_encoder
+        encoded = {k: conditioning.encode_prompts([p]) for k, p in prompts.items()}
+    embeds = {k: states for k, (states, _) in encoded.items()}
+    pooled = {k: p for k, (_, p) in encoded.items()} if conditioning.sdxl else None
+    del conditioning, encoded
     unet.to(device).eval()
     name = cfg.membrane_name
     pv.apply(unet, pv.SPMConfig(rank=cfg.rank, alpha=cfg.alpha, membranes=(name,), prompts=(cfg.concept,)))
@@ -285,7 +321,7 @@ def train_erasure(cfg: EraseConfig, resume: str | Path | bool | None = None, sto
     losses: list[dict] = []
     while state.step < cfg.max_steps and state.step != stop_after_step:
         with accelerator.autocast():
-            step_losses = erase_step(cfg, unet, plain_unet, scheduler, embeds, parts["vae_scale"], device)
+            step_losses = erase_step(cfg, unet, plain_unet, scheduler, embeds, parts["vae_scale"], device, pooled)
         accelerator.backward(step_losses["loss"])
         if cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
