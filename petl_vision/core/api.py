@@ -152,6 +152,18 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
+def forget_method(model: nn.Module, name: str) -> nn.Module:
+    """Drop `name` from the applied methods after the method removed its own modules (an unload);
+    the whole petl_vision state goes when no method is left. Returns `model`."""
+    state = get_state(model)
+    state.applied = [a for a in state.applied if a.name != name]
+    if not state.applied:
+        remove_state(model)
+    else:
+        state.refresh_frozen(model)
+    return model
+
+
 def remove_state(model: nn.Module) -> None:
     """Drop `model.petl`, its hook, and restore the host's requires_grad flags and train/eval mode."""
     state = get_state(model)

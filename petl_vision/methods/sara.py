@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..core.api import remove_state
+from ..core.api import forget_method
 from ..core.errors import AdapterMismatchError, UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state, host_modules
@@ -350,14 +350,8 @@ def _remove(model: nn.Module, restore: bool) -> None:
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove SaRA from `model`, restoring the base weights bit for bit; other methods stay."""
-    state = get_state(model)
     _remove(model, restore=True)
-    state.applied = [a for a in state.applied if a.name != "sara"]
-    if not state.applied:
-        remove_state(model)
-    else:
-        state.refresh_frozen(model)
-    return model
+    return forget_method(model, "sara")
 
 
 def regularization_loss(model: nn.Module, generator: torch.Generator | None = None) -> torch.Tensor:

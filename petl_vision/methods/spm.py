@@ -32,7 +32,7 @@ import sys
 import torch
 from torch import nn
 
-from ..core.api import remove_state
+from ..core.api import forget_method
 from ..core.errors import UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state, host_modules
@@ -350,11 +350,5 @@ def _remove(model: nn.Module) -> None:
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove SPM from `model` (hooks, membranes); the host runs exactly as before. Other methods stay."""
-    state = get_state(model)
     _remove(model)
-    state.applied = [a for a in state.applied if a.name != "spm"]
-    if not state.applied:
-        remove_state(model)
-    else:
-        state.refresh_frozen(model)
-    return model
+    return forget_method(model, "spm")
