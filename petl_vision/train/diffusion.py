@@ -153,21 +153,28 @@ def check_text_conditioned(unet, model: str, sdxl: bool = True) -> None:
                           f"support {supported}")
 
 
+def load_unet_and_conditioning(model: str, revision: str | None = None):
+    """(unet, TextConditioning) of the pipeline `model`: the UNet, checked to be conditioned like SD
+    1.x / 2.x or SDXL, and the tokenizer(s) and text encoder(s) that feed it. ConfigError otherwise."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", revision=revision)
+    check_text_conditioned(unet, model)
+    try:
+        return unet, TextConditioning.from_pretrained(model, unet, revision)
+    except ConditioningError as e:
+        raise ConfigError(str(e)) from e
+
+
 def load_components(cfg: DiffusionConfig) -> dict:
     """conditioning (a TextConditioning: the tokenizer(s) and text encoder(s)), vae, unet and the DDPM
     noise scheduler of the pipeline `cfg.model`."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler
 
-    kw = dict(revision=cfg.revision)
-    unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **kw)
-    check_text_conditioned(unet, cfg.model)
-    try:
-        conditioning = TextConditioning.from_pretrained(cfg.model, unet, cfg.revision)
-    except ConditioningError as e:
-        raise ConfigError(str(e)) from e
+    unet, conditioning = load_unet_and_conditioning(cfg.model, cfg.revision)
     return {
         "conditioning": conditioning,
-        "vae": AutoencoderKL.from_pretrained(cfg.model, subfolder="vae", **kw),
+        "vae": AutoencoderKL.from_pretrained(cfg.model, subfolder="vae", revision=cfg.revision),
         "unet": unet,
         "noise_scheduler": DDPMScheduler.from_pretrained(cfg.model, subfolder="scheduler"),
     }

@@ -47,9 +47,9 @@ import yaml
 import petl_vision as pv
 from petl_vision.methods.spm import membranes_disabled
 
-from .conditioning import ConditioningError, TextConditioning
+from .conditioning import TextConditioning
 from .config import ConfigError, check_override, coerce, parse_override, read_mapping
-from .diffusion import check_text_conditioned, resumable_state, save_checkpoint
+from .diffusion import load_unet_and_conditioning, resumable_state, save_checkpoint
 
 
 @dataclass
@@ -149,7 +149,7 @@ def _field(value, tp, source: str, key: str):
 def load_parts(cfg: EraseConfig) -> dict:
     """conditioning (TextConditioning: tokenizer(s) and text encoder(s)), unet, the official DDIM scheduler
     and the VAE's scale factor."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler
 
     kw = dict(revision=cfg.revision)
     try:
@@ -157,12 +157,7 @@ def load_parts(cfg: EraseConfig) -> dict:
     except (OSError, ValueError):
         prediction_type = "epsilon"
     vae = AutoencoderKL.load_config(cfg.model, subfolder="vae", **kw)
-    unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **kw)
-    check_text_conditioned(unet, cfg.model)
-    try:
-        conditioning = TextConditioning.from_pretrained(cfg.model, unet, cfg.revision)
-    except ConditioningError as e:
-        raise ConfigError(str(e)) from e
+    unet, conditioning = load_unet_and_conditioning(cfg.model, cfg.revision)
     return {
         "conditioning": conditioning,
         "unet": unet,
