@@ -76,7 +76,7 @@ def test_gradient_dropout_runs_in_the_classifier_trainer(image_root, tmp_path): 
     assert (dropout != plain).float().mean() > 0.01
 
 
-def test_sara_reselects_at_the_configured_step(image_root, tmp_path, monkeypatch):  # noqa: F811
+def test_sara_reselects_at_the_configured_step(image_root, tmp_path, monkeypatch, capsys):  # noqa: F811
     calls, real = [], sara.reselect
 
     def spy(model, optimizer=None):
@@ -99,6 +99,8 @@ def test_sara_reselects_at_the_configured_step(image_root, tmp_path, monkeypatch
     after = [d.values.detach() for d in sara.sara_module(result["model"]).deltas().values()]
     assert any(not torch.equal(a, b) for a, b in zip(after, calls[0]["values"]))  # the new values kept training
     assert calls[0]["fixed"] > 0  # lr 1e-2 moved trained entries out of the smallest 10%
+    totals = {k: calls[0][k] for k in ("selected", "kept", "fixed")}
+    assert f"step 3: sara {{'reselection': {totals}}}" in capsys.readouterr().out  # the loop reports it
 
     calls.clear()
     train(tiny_config(image_root, tmp_path / "fixed", "method.name=sara", "method.fraction=0.1", "method.progressive_step=7"))

@@ -254,8 +254,7 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
             losses.append(accelerator.gather(loss.detach()).mean().item())
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            for name, report in hooks.on_step(optimizer, state.step).items():  # SaRA's re-selection swaps Parameters
-                accelerator.print(f"step {state.step}: {name} {report}")
+            hooks.on_step(optimizer, state.step, accelerator.print)  # SaRA's re-selection swaps Parameters
             if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
                 save_checkpoint(accelerator, out, state.step, cfg.keep_checkpoints)
             if cfg.validation_prompt and accelerator.is_main_process and (state.step % cfg.validation_every == 0 or state.step == cfg.max_steps):

@@ -252,13 +252,15 @@ class MethodHooks:
             if p.grad is not None:
                 p.grad = accelerator.reduce(p.grad, reduction="mean")
 
-    def on_step(self, optimizer, step: int) -> dict:
-        """Every method's `on_step`; {method name: what it reported} for those that reported."""
+    def on_step(self, optimizer, step: int, say=print) -> dict:
+        """Every method's `on_step`; what a method reports is passed to `say` ("step 5: sara {...}").
+        Returns {method name: report} of those that reported."""
         reports = {}
         for method, config in self.methods:
             report = method.on_step(self.model, config, optimizer, step, self.total_steps)
             if report:
                 reports[method.name] = report
+                say(f"step {step}: {method.name} {report}")
         return reports
 
     def epoch_metrics(self) -> dict:
@@ -301,8 +303,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator,
             scheduler.step()
             optimizer.zero_grad()
         if accelerator.sync_gradients:
-            for name, report in hooks.on_step(optimizer, state.step).items():
-                accelerator.print(f"step {state.step}: {name} {report}")
+            hooks.on_step(optimizer, state.step, accelerator.print)
         loss_sum += loss.detach()
         batches += 1
         images += targets.shape[0] * accelerator.num_processes
