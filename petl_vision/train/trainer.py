@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,14 +28,20 @@ from petl_vision.data import build_datasets
 from petl_vision.methods import lst as lst_method
 from petl_vision.methods._feature_cache import FeatureCache, IndexedDataset, cache_key, logits_with_cache, uses_side_network
 
+from .checkpoint import check_finite, load_checkpoint, run_record, save_checkpoint, start_run
+from .checkpoint import find_checkpoint as _find_checkpoint
 from .config import TrainConfig, to_dict
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
 from .tracking import MetricsLog
 
 
+# Config keys that do not change what is trained: a run may be resumed with other values.
+IGNORED_KEYS = ("output_dir", "progress", "keep_checkpoints", "merge", "overwrite", "num_workers", "log_with", "eval_batch_size")
+
+
 class TrainState:
-    """Epoch / step counters saved with every checkpoint (registered with the accelerator)."""
+    """Epoch / step counters saved with every checkpoint."""
 
     def __init__(self):
         self.epoch = 0  # completed epochs
@@ -51,29 +55,31 @@ class TrainState:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir: `path` itself if it is one, else the latest `path/checkpoints/epoch_<n>`."""
-    path = Path(path)
-    if (path / "custom_checkpoint_0.pkl").is_file():
-        return path
-    ckpts = sorted((path / "checkpoints").glob("epoch_*"), key=_epoch_of) if path.is_dir() else []
-    if not ckpts:
-        raise FileNotFoundError(f"resume: no checkpoint in {path} (expected <output_dir>/checkpoints/epoch_<n>)")
-    return ckpts[-1]
+    """A checkpoint dir: `path` itself if it is one, else the latest complete `path/checkpoints/epoch_<n>`."""
+    return _find_checkpoint(path, "epoch")
 
 
-def _epoch_of(path: Path) -> int:
-    match = re.fullmatch(r"epoch_(\d+)", path.name)
-    return int(match.group(1)) if match else -1
+def start_classifier_run(cfg: TrainConfig, resume=None, overwrite: bool = False, config_record: dict | None = None):
+    """`checkpoint.start_run` for a classifier-style config: refuses an output_dir holding another run
+    (FileExistsError) and a checkpoint of another configuration; writes nothing."""
+    record = {**to_dict(cfg), **(config_record or {})}
+    return start_run(cfg.output_dir, run_record(record, IGNORED_KEYS), resume=resume,
+                     overwrite=overwrite or bool(getattr(cfg, "overwrite", False)), prefix="epoch")
 
 
 def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_epoch: int | None = None, *,
           model: nn.Module | None = None, data: tuple | None = None, drop_last: bool = False,
-          baseline: str | None = None, config_record: dict | None = None) -> dict:
+          baseline: str | None = None, config_record: dict | None = None, overwrite: bool = False) -> dict:
     """Train `cfg.method` on `cfg.model` (or on the given model and data) and return a result dict.
 
-    resume: a checkpoint dir, an output dir (its latest checkpoint), or True for `cfg.output_dir`.
-        Model, optimizer, scheduler, RNG states and the epoch counter are restored; the sampler is
-        seeded per epoch, so the result equals an uninterrupted run.
+    resume: a checkpoint dir, an output dir (its latest complete checkpoint), or True for
+        `cfg.output_dir`. The checkpoint must have been written by the same configuration (keys in
+        IGNORED_KEYS aside). The trainable state, optimizer, scheduler, RNG states and counters are
+        restored (safetensors + JSON, no pickle); the sampler is seeded per epoch, so the result
+        equals an uninterrupted run.
+    overwrite: replace the run that `cfg.output_dir` holds (also `cfg.overwrite`); without it, an
+        output_dir holding another run raises FileExistsError. Nothing is written before the model
+        and data are built.
     stop_after_epoch: stop (as if interrupted) after that epoch's checkpoint; for tests.
     model: the host to train, before `cfg.method` is applied (default: `build_model(cfg)`, after
         seeding). A caller building it seeds first (`set_seed(cfg.seed)`): train() then does not
@@ -87,6 +93,7 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
         `data` section, ...).
     Every applied method's training hooks run (`Method.extra_loss`, `backward`, `on_step`,
     `epoch_metrics`; see petl_vision.core.registry).
+    A NaN or infinite loss raises FloatingPointError naming the step; no adapter is saved then.
     Result keys: metrics (last epoch; an evaluation when no epoch ran), history, model (unwrapped,
     adapted), trainable_params, total_params, output_dir, adapter_dir, merged_path, checkpoint_dir,
     stopped_early, baseline.
@@ -98,14 +105,12 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
         gradient_accumulation_steps=cfg.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
+    run = start_classifier_run(cfg, resume, overwrite, config_record)
+    accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes to it
     built = model is None
     if built:
         set_seed(cfg.seed)
-    out = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump({**to_dict(cfg), **(config_record or {})}, sort_keys=False))
-
+    out = run.out
     if built:
         model = build_model(cfg)
         train_ds, eval_ds, num_classes = build_datasets(cfg.data, model, cfg.num_classes)
@@ -120,6 +125,7 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
     pv.apply(model, method_config)
     counts = pv.summary(model)
     accelerator.print(counts)
+    run.commit(accelerator, yaml.safe_dump({**to_dict(cfg), **(config_record or {})}, sort_keys=False))
 
     cache = None  # side networks (lst, unipt) on data without augmentation, one process, images not needed
     if (built and cfg.feature_cache and not cfg.data.augment and uses_side_network(model) and accelerator.num_processes == 1
@@ -129,13 +135,13 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
         train_ds = IndexedDataset(train_ds)  # batches (indices, images, targets)
     train_loader = DataLoader(train_ds, cfg.batch_size, shuffle=True, drop_last=drop_last, num_workers=cfg.num_workers)
     eval_loader = DataLoader(eval_ds, cfg.eval_batch_size or 2 * cfg.batch_size, num_workers=cfg.num_workers)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
     effective_batch = cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes
     optimizer = build_optimizer(model, cfg.optim, effective_batch)
-    scheduler = build_scheduler(optimizer, cfg.sched, cfg.epochs, steps_per_epoch)
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler
-    )
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    # Optimizer steps of this process's shard; the scheduler is not prepared (accelerate would step it once
+    # per process): it steps once per optimizer step, so the schedule does not depend on the process count.
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
+    scheduler = build_scheduler(optimizer.optimizer, cfg.sched, cfg.epochs, steps_per_epoch)
     baseline_metrics = None
     if reference is not None:
         reference.to(accelerator.device)
@@ -144,17 +150,15 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
         accelerator.print(f"{baseline}: top1 {baseline_metrics['top1']:.2f}")
     hooks = MethodHooks(accelerator.unwrap_model(model), cfg.epochs * steps_per_epoch, reference, cfg.seed)
     del reference  # kept by `hooks` only when a method owns the backward
-    if lst_method.needs_data_init(accelerator.unwrap_model(model)) and not resume:
+    if lst_method.needs_data_init(accelerator.unwrap_model(model)) and run.resume_from is None:
         batches = ((b[-2], b[-1]) for b in train_loader)  # (images, targets), with or without indices
         lst_method.init_side_from_backbone(accelerator.unwrap_model(model), loader=batches)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
+    if run.resume_from is not None:
+        state.load_state_dict(load_checkpoint(accelerator, run.resume_from, model, optimizer, scheduler))
+        accelerator.print(f"resumed from {run.resume_from} at epoch {state.epoch}")
     log = MetricsLog(out, enabled=accelerator.is_main_process)
-    if resume:
-        ckpt = find_checkpoint(out if resume is True else resume)
-        accelerator.load_state(str(ckpt))
-        log.truncate_after(state.epoch)
-        accelerator.print(f"resumed from {ckpt} at epoch {state.epoch}")
+    log.truncate_after(state.epoch)  # a fresh run starts an empty file
 
     show_bar = cfg.progress and sys.stderr.isatty() and accelerator.is_local_main_process
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -177,7 +181,7 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
             f"epoch {state.epoch}/{cfg.epochs}  loss {record['train_loss']:.4f}  top1 {record['top1']:.2f}{top5}"
             f"  ({record['epoch_time']:.1f}s, {record['images_per_s']:.0f} img/s)"
         )
-        ckpt_dir = save_checkpoint(accelerator, out, state.epoch, cfg.keep_checkpoints)
+        ckpt_dir = save_checkpoint(accelerator, run, state.epoch, model, optimizer, scheduler, state.state_dict(), cfg.keep_checkpoints)
         if stop_after_epoch is not None and state.epoch >= stop_after_epoch and state.epoch < cfg.epochs:
             stopped_early = True
             break
@@ -199,6 +203,7 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
     }
     if stopped_early:
         return result
+    check_finite_parameters(unwrapped, f"after epoch {state.epoch}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         result["adapter_dir"] = str(out / "adapter")
@@ -293,6 +298,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator,
                 inputs, targets = batch
                 logits = model(inputs)
             loss = hooks.loss(criterion(logits.float(), targets))
+            check_finite(loss, state.step + 1, f"epoch {epoch + 1}", nan_hint(cfg), accelerator)
             hooks.backward(loss, inputs, logits, state.step, accelerator.backward)
             if accelerator.sync_gradients:
                 hooks.average_gradients(accelerator)
@@ -300,7 +306,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator,
                     accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
                 state.step += 1
             optimizer.step()
-            scheduler.step()
+            if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                scheduler.step()  # once per optimizer step (not prepared: see train)
             optimizer.zero_grad()
         if accelerator.sync_gradients:
             hooks.on_step(optimizer, state.step, accelerator.print)
@@ -342,16 +349,17 @@ def evaluate(model: nn.Module, loader, accelerator: Accelerator, num_classes: in
     return metrics
 
 
-def save_checkpoint(accelerator: Accelerator, out: Path, epoch: int, keep: int) -> Path:
-    """`accelerator.save_state` to `out/checkpoints/epoch_<epoch>`, keeping the last `keep`."""
-    ckpt = out / "checkpoints" / f"epoch_{epoch}"
-    accelerator.save_state(str(ckpt))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        old = sorted((out / "checkpoints").glob("epoch_*"), key=_epoch_of)[:-keep]
-        for path in old:
-            shutil.rmtree(path)
-    return ckpt
+def nan_hint(cfg: TrainConfig) -> str:
+    clip = "" if cfg.clip_grad_norm else " or set clip_grad_norm=1.0"
+    return f"lower optim.lr (now {cfg.optim.lr:g}){clip}"
+
+
+def check_finite_parameters(model: nn.Module, where: str) -> None:
+    """FloatingPointError when a trainable parameter holds NaN or inf (nothing is saved then)."""
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise FloatingPointError(f"trainable parameters {bad[:3]} hold NaN or inf {where}; lower the learning rate; "
+                                 "no adapter was saved")
 
 
 def save_merged(model: nn.Module, path: Path) -> str | None:
