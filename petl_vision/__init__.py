@@ -11,14 +11,14 @@ Every registered method's config class is exported here under its own name (`pv.
 from . import diffusers  # noqa: F401  (pipeline plugin: pv.diffusers.load_sara, ...; imports diffusers lazily)
 from . import methods as _methods  # noqa: F401  (registers every method)
 from .core.api import Summary, apply, can_merge, merge, summary
-from .core.errors import AdapterFileError, AdapterMismatchError, MergeError, UnknownMethodError, UnsupportedHostError
+from .core.errors import AdapterFileError, AdapterMismatchError, ConfigError, MergeError, UnknownMethodError, UnsupportedHostError
 from .core.io import load_adapter, save_adapter
 from .core.registry import Method, MethodConfig, get_config_class, get_method, list_methods, make_config, register_method
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterFileError", "AdapterMismatchError", "MergeError", "Method", "MethodConfig", "Summary",
+    "AdapterFileError", "AdapterMismatchError", "ConfigError", "MergeError", "Method", "MethodConfig", "Summary",
     "UnknownMethodError", "UnsupportedHostError", "apply", "can_merge", "get_config_class", "get_method",
     "list_methods", "load_adapter", "make_config", "merge", "register_method", "save_adapter", "summary",
 ]

@@ -38,12 +38,17 @@ def _apply(model: nn.Module, config: MethodConfig, saved: dict | None = None) ->
         raise ValueError(f"method {config.name!r} is already applied to this model (applied: {state.method_names})")
     if state is None and hasattr(model, STATE_NAME):
         raise UnsupportedHostError(f"{type(model).__name__} already has an attribute {STATE_NAME!r}; petl_vision needs that name")
-    method_cls.check_host(model)
+    if state is None and not any(True for _ in model.children()):
+        raise UnsupportedHostError(
+            f"method {config.name!r}: {type(model).__name__} is a single layer with no submodules; petl_vision adapts "
+            "the layers inside a model: wrap it in an nn.Module whose forward calls it"
+        )
     if state is None and isinstance(model, _CONTAINERS):
         raise UnsupportedHostError(
             f"{type(model).__name__} runs (or holds) every child module, so petl_vision cannot register its state on it; "
             "wrap it in an nn.Module whose forward calls it"
         )
+    method_cls.check_host(model)
 
     created = state is None
     if created:

@@ -19,3 +19,7 @@ class AdapterMismatchError(ValueError):
 
 class MergeError(ValueError):
     """`merge` asked of a method that changes the architecture and cannot be folded away."""
+
+
+class ConfigError(TypeError, ValueError):
+    """A method config field that does not exist, or whose value has the wrong type."""

@@ -9,12 +9,16 @@ A method declares its name, its config dataclass, whether it can be merged, and 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import types
+import typing
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
-from .errors import UnknownMethodError
+from .errors import ConfigError, UnknownMethodError
 
 _METHODS: dict[str, type["Method"]] = {}
 
@@ -165,24 +169,125 @@ def get_config_class(name: str) -> type[MethodConfig]:
 def make_config(name_or_config: str | MethodConfig, **overrides) -> MethodConfig:
     """A config from a method name (its defaults) or a config object, with field overrides.
 
-    Unknown fields raise TypeError naming the field and the config's fields.
+    Every field is checked against its annotation (bool, int, float, str, X | None, tuple[X, ...]):
+    ints may be given as integral floats (8.0) and floats as strings ("1e-3"); lists become tuples.
+    Unknown fields and wrong types raise ConfigError naming the method, the field and the type.
     """
     if isinstance(name_or_config, MethodConfig):
         config_class, base = type(name_or_config), name_or_config
     elif isinstance(name_or_config, str):
         config_class, base = get_config_class(name_or_config), None
     else:
-        raise TypeError(f"expected a method name or a MethodConfig, got {type(name_or_config).__name__}")
-    fields = {f.name for f in dataclasses.fields(config_class)}
+        raise ConfigError(f"expected a method name or a MethodConfig, got {type(name_or_config).__name__}")
+    fields = {f.name for f in dataclasses.fields(config_class) if f.init}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise TypeError(f"{config_class.__name__} has no field(s) {unknown}; fields: {sorted(fields)}")
-    return dataclasses.replace(base, **overrides) if base is not None else config_class(**overrides)
+        raise ConfigError(f"{config_class.__name__} has no field(s) {unknown}; fields: {sorted(fields)}")
+    values = {name: getattr(base, name) for name in fields} if base is not None else {}
+    values.update(overrides)
+    values = {name: check_field(config_class, name, value) for name, value in values.items()}
+    return config_class(**values)
 
 
 def config_from_dict(name: str, values: dict) -> MethodConfig:
-    """Rebuild a config saved with `to_dict`. Lists become tuples where the default is a tuple."""
-    config_class = get_config_class(name)
-    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
-    values = {k: tuple(v) if isinstance(v, list) and isinstance(defaults.get(k), tuple) else v for k, v in values.items()}
+    """Rebuild a config saved with `to_dict` (lists become tuples; every field type-checked)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"method {name!r}: the config must be a mapping of field -> value, got {type(values).__name__}")
     return make_config(name, **values)
+
+
+@functools.cache
+def _field_types(config_class: type[MethodConfig]) -> dict[str, Any]:
+    return typing.get_type_hints(config_class)
+
+
+def check_field(config_class: type[MethodConfig], field: str, value: Any) -> Any:
+    """`value` converted to the annotated type of `config_class.field`; ConfigError when it cannot be."""
+    annotation = _field_types(config_class).get(field, Any)
+    try:
+        return _convert(annotation, value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"method {config_class.name!r}: field {field!r} must be {_type_name(annotation)}, got {value!r} ({type(value).__name__})"
+        ) from None
+
+
+def _convert(annotation: Any, value: Any) -> Any:
+    """`value` as `annotation`; raises TypeError / ValueError when it does not fit."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any or isinstance(annotation, (str, typing.TypeVar)):
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value)
+            except (TypeError, ValueError):
+                pass
+        raise TypeError(value)
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ValueError(value)
+    if origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            raise TypeError(value)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ValueError(value)
+            items = [_convert(a, v) for a, v in zip(args, value)]
+        else:
+            items = [_convert(args[0], v) for v in value] if args else list(value)
+        return origin(items)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(value)
+    if annotation is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):  # "8", "8.0", "1e3"
+            number = float(value)
+            if number.is_integer():
+                return int(number)
+            raise ValueError(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError(value)
+    if annotation is float:
+        if isinstance(value, str):
+            value = float(value)
+            if math.isnan(value):
+                raise ValueError(value)
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        raise TypeError(value)
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError(value)
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        raise TypeError(value)
+    return value
+
+
+_NAMES = {int: ("an integer", "integers"), float: ('a number (or a string such as "1e-3")', "numbers"),
+          bool: ("true or false", "booleans"), str: ("a string", "strings")}
+
+
+def _type_name(annotation: Any, plural: bool = False) -> str:
+    """'an integer', 'a string or None', 'a list of integers', ... for error messages."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else _type_name(a, plural) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (tuple, list):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)}: " + ", ".join(_type_name(a) for a in args)
+        return f"a list of {_type_name(args[0], plural=True)}" if args else "a list"
+    if annotation in _NAMES:
+        return _NAMES[annotation][plural]
+    return getattr(annotation, "__name__", str(annotation))
