@@ -12,7 +12,9 @@ checkpoints/step_<n> for --resume.
 """
 from __future__ import annotations
 
-from petl_vision.train.cli import diffusion_parser, parse_training_args
+import sys
+
+from petl_vision.train.cli import diffusion_parser, parse_training_args, run_cli, trainer_options
 from petl_vision.train.erase import load_erase_config, train_erasure
 
 
@@ -25,10 +27,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args, overrides = parse_args(argv)
-    result = train_erasure(load_erase_config(args.config, overrides), resume=args.resume)
+    result = train_erasure(load_erase_config(args.config, overrides), **trainer_options(train_erasure, args))
     print(f"done: {result['steps']} steps; SPM file: {result['spm_file']}")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

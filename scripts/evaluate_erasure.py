@@ -12,12 +12,15 @@ local file or none). Writes results.json, report.md and grid.png under --output-
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
 import petl_vision.diffusers.spm as spm_plugin
 from petl_vision.clip.load import load_clip
 from petl_vision.diffusers.evaluate import evaluate_erasure, write_report
+from petl_vision.train.cli import add_debug_argument, run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,7 +44,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--clip-config", help="open_clip JSON architecture file (instead of --clip-model)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output-dir", default="runs/spm_eval")
-    return parser.parse_args(argv)
+    add_debug_argument(parser)
+    args = parser.parse_args(argv)
+    for path in args.spm:  # checked before the pipeline loads (a Hub repo id passes on to load_spm)
+        if path.endswith(".safetensors") and not Path(path).is_file():
+            parser.error(f"--spm: file not found: {path} (expected an SPM .safetensors file, e.g. from erase_concept.py)")
+    if args.weights is not None and len(args.weights) != len(args.spm):
+        parser.error(f"--weights: {len(args.weights)} values for {len(args.spm)} --spm files (expected one per file)")
+    if args.clip_config and not Path(args.clip_config).is_file():
+        parser.error(f"--clip-config: file not found: {args.clip_config} (expected an open_clip JSON architecture)")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -66,4 +78,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -13,7 +13,9 @@ or <output_dir>/unet (full), checkpoints/step_<n>, validation/step_<n>_<i>.png.
 """
 from __future__ import annotations
 
-from petl_vision.train.cli import diffusion_parser, parse_training_args
+import sys
+
+from petl_vision.train.cli import diffusion_parser, parse_training_args, run_cli, trainer_options
 from petl_vision.train.diffusion import METHODS, load_diffusion_config, train_diffusion
 
 
@@ -27,10 +29,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args, overrides = parse_args(argv)
-    result = train_diffusion(load_diffusion_config(args.config, overrides), resume=args.resume)
+    result = train_diffusion(load_diffusion_config(args.config, overrides), **trainer_options(train_diffusion, args))
     print(f"done: {result['steps']} steps; adapter: {result['adapter_dir']}; unet: {result['unet_dir']}")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

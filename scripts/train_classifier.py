@@ -11,9 +11,11 @@ Without --config the demo runs; overrides then apply to each of its three runs.
 """
 from __future__ import annotations
 
-from petl_vision.data import DataError
+import inspect
+import sys
+
 from petl_vision.train import ConfigError, load_config, train
-from petl_vision.train.cli import parse_training_args, training_parser
+from petl_vision.train.cli import parse_training_args, run_cli, trainer_options, training_parser
 from petl_vision.train.demo import run_demo
 
 
@@ -21,17 +23,17 @@ def main(argv=None) -> None:
     parser = training_parser(__doc__, "YAML config (see configs/); omit to run the digits demo", config_required=False)
     args, overrides = parse_training_args(parser, argv, output_dir=False)
     if args.config is None:
-        run_demo(args.output_dir or "runs/demo", overrides)
+        if args.resume:
+            raise ConfigError("--resume needs --config (the demo always starts its three runs afresh)")
+        overwrite = {"overwrite": True} if args.overwrite and "overwrite" in inspect.signature(run_demo).parameters else {}
+        run_demo(args.output_dir or "runs/demo", overrides, **overwrite)
         return
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
-    result = train(load_config(args.config, overrides), resume=args.resume)
+    result = train(load_config(args.config, overrides), **trainer_options(train, args))
     metrics = ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items() if k in ("top1", "top5"))
     print(f"done: {metrics}; adapter: {result['adapter_dir']}; merged: {result['merged_path']}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    sys.exit(run_cli(main))

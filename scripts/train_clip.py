@@ -12,22 +12,19 @@ parsed as YAML.
 """
 from __future__ import annotations
 
-from petl_vision.data import DataError
-from petl_vision.train.cli import parse_training_args, training_parser
+import sys
+
+from petl_vision.train.cli import parse_training_args, run_cli, trainer_options, training_parser
 from petl_vision.train.clip import load_clip_config, train_clip
-from petl_vision.train.config import ConfigError
 
 
 def main(argv=None) -> dict:
     args, overrides = parse_training_args(training_parser(__doc__, "YAML config (see configs/clip_fewshot_*.yaml)"), argv)
-    result = train_clip(load_clip_config(args.config, overrides), resume=args.resume)
+    result = train_clip(load_clip_config(args.config, overrides), **trainer_options(train_clip, args))
     print(f"done: zero-shot top1 {result['zero_shot']['top1']:.2f}, tuned top1 {result['metrics']['top1']:.2f}; "
           f"adapter: {result['adapter_dir']}; merged: {result['merged_path']}")
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    sys.exit(run_cli(main))

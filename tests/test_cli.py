@@ -24,7 +24,12 @@ def script_parse_args(name):
     ("epochs=3", ["epochs"], 3),
     ("optim.lr=0.01", ["optim", "lr"], 0.01),
     ("a.b.c=1.0e-3", ["a", "b", "c"], 0.001),
-    ("optim.lr=1e-3", ["optim", "lr"], "1e-3"),  # PyYAML (YAML 1.1) needs a dot; coerce() turns it into a float
+    ("optim.lr=1e-3", ["optim", "lr"], 0.001),  # YAML 1.1 (PyYAML) reads a string; load_yaml reads floats as YAML 1.2
+    ("method.threshold=5E+2", ["method", "threshold"], 500.0),
+    ("x=-2.5e-3", ["x"], -0.0025),
+    ("x=.5", ["x"], 0.5),
+    ("x=1e", ["x"], "1e"),
+    ("x=e3", ["x"], "e3"),
     ("data.augment=true", ["data", "augment"], True),
     ("data.augment=no", ["data", "augment"], False),
     ("optim.betas=[0.9, 0.99]", ["optim", "betas"], [0.9, 0.99]),

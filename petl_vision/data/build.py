@@ -63,11 +63,22 @@ def image_folders(cfg):
         eval_root = eval_root or Path(root) / (getattr(cfg, "eval_split", None) or "val")
     train_ds, eval_ds = ImageFolder(train_root), ImageFolder(eval_root)
     if train_ds.classes != eval_ds.classes:
+        only_train = sorted(set(train_ds.classes) - set(eval_ds.classes))
+        only_eval = sorted(set(eval_ds.classes) - set(train_ds.classes))
         raise DataError(
-            f"class folders differ between {train_root} ({len(train_ds.classes)} classes) and "
-            f"{eval_root} ({len(eval_ds.classes)} classes); expected the same class names in both"
+            f"class folders differ between {train_root} ({len(train_ds.classes)} classes) and {eval_root} "
+            f"({len(eval_ds.classes)} classes): only in {Path(train_root).name}/: {_names(only_train)}; "
+            f"only in {Path(eval_root).name}/: {_names(only_eval)}; expected the same class names in both"
         )
     return train_ds, eval_ds, len(train_ds.classes)
+
+
+def _names(names: list[str], limit: int = 10) -> str:
+    """`['a', 'b']`, at most `limit` of them ("... and N more"); "none" for an empty list."""
+    if not names:
+        return "none"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(repr(n) for n in names[:limit]) + more
 
 
 def _vtab(cfg, num_classes):

@@ -7,6 +7,7 @@ Two layouts, as diffusers' training scripts and the SaRA code read them:
 - a caption file per image: ``cat.png`` + ``cat.txt`` (UTF-8 text, stripped).
 
 An image listed in a metadata.jsonl takes that caption; every other image needs its .txt file.
+Hidden files and folders (`.DS_Store`, `.ipynb_checkpoints/`) are skipped.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .common import DataError, is_image_file, load_rgb, require_dir
+from .common import DataError, is_hidden, is_image_file, load_rgb, require_dir
 
 METADATA_NAME = "metadata.jsonl"
 
@@ -26,7 +27,7 @@ def read_captions(root: str | Path, caption_column: str = "text") -> list[tuple[
     """(image path, captions) of every image under `root`, sorted by path."""
     root = require_dir(root, "captioned image folder")
     captions: dict[Path, list[str]] = {}
-    for meta in sorted(root.rglob(METADATA_NAME)):
+    for meta in sorted(m for m in root.rglob(METADATA_NAME) if not is_hidden(m, root)):
         for line_no, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
@@ -46,7 +47,7 @@ def read_captions(root: str | Path, caption_column: str = "text") -> list[tuple[
                 raise DataError(f"{where}: image {record['file_name']!r} not found (looked for {path})")
             captions[path] = texts
     samples, missing = [], []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p)):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p, root)):
         texts = captions.get(path.resolve())
         if texts is None and path.with_suffix(".txt").is_file():
             texts = [path.with_suffix(".txt").read_text(encoding="utf-8").strip()]

@@ -10,7 +10,7 @@ class ImageFolder(LabelledImageFiles):
     """`root/<class>/<image>` layout. Items are `(transform(PIL RGB image), int label)`.
 
     `.classes` are the sorted class-folder names (label i = classes[i]); `.samples` is a list of
-    `(path, label)`. Hidden entries and non-image files are ignored.
+    `(path, label)`. Hidden files and folders (`.DS_Store`, `.ipynb_checkpoints/`) and non-image files are ignored.
     """
 
     def __init__(self, root: str | Path, transform=None):
@@ -23,7 +23,7 @@ class ImageFolder(LabelledImageFiles):
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.samples: list[tuple[Path, int]] = []
         for label, d in enumerate(class_dirs):
-            files = sorted(p for p in d.rglob("*") if p.is_file() and is_image_file(p))
+            files = sorted(p for p in d.rglob("*") if p.is_file() and is_image_file(p, d))
             if not files:
                 raise DataError(f"class folder {d} has no image files (expected files ending in .png, .jpg, ...)")
             self.samples += [(p, label) for p in files]

@@ -15,7 +15,11 @@ VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
 def read_list_file(list_file: Path) -> list[tuple[str, int, int]]:
     """Parse a list file into `(relative path, label, line number)`; blank lines are skipped."""
     entries = []
-    for lineno, line in enumerate(list_file.read_text().splitlines(), start=1):
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{list_file}: not a text file (byte {e.start} is not UTF-8); expected 'relative/path label' lines") from None
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.strip().rsplit(maxsplit=1)

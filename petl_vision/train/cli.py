@@ -1,14 +1,110 @@
-"""The command line shared by the training scripts: --config, key=value overrides, --resume, flags.
+"""The command line shared by the scripts: --config, key=value overrides, --resume, flags, errors.
 
 `training_parser` serves the classifier-style scripts (train_classifier, train_clip,
 train_pointcloud); `diffusion_parser` the diffusers ones (finetune_diffusion, erase_concept). Each
 script adds its own options and `parse_training_args` turns the flags into `key=value` overrides.
+
+`run_cli(main)` runs every script's main: a user mistake (USER_ERRORS: a bad config value, a
+missing file, a method that does not fit the model, ...) prints one `error: <message>` line to
+stderr and exits with status 2; `--debug` or PETL_VISION_DEBUG=1 shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
+import os
+import pickle
+import sys
+from collections.abc import Callable, Sequence
+
+import yaml
+
+from petl_vision.data.common import worker_message
 
 from .config import format_override
+
+DEBUG_ENV = "PETL_VISION_DEBUG"
+USER_ERROR_STATUS = 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean a user mistake (or a broken input), not a bug of petl_vision."""
+    from PIL import Image
+    from safetensors import SafetensorError
+
+    from petl_vision.core import errors
+
+    own = tuple(v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, Exception))
+    return own + (
+        ValueError,  # ConfigError, DataError, UnicodeDecodeError, json errors, HF repo-id errors, ...
+        KeyError,  # a key missing from a user's file
+        OSError,  # FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, disk full
+        FloatingPointError,  # a non-finite loss
+        ImportError,  # an optional dependency the config asks for (bitsandbytes, a tracker)
+        yaml.YAMLError,
+        pickle.UnpicklingError,  # a .pt/.pth checkpoint that is not one
+        Image.DecompressionBombError,
+        SafetensorError,
+    )
+
+
+USER_ERRORS = _user_errors()
+
+
+def add_debug_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`--debug`: run_cli shows the full traceback of an error instead of one line."""
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of an error instead of one line (or set {DEBUG_ENV}=1)")
+    return parser
+
+
+def debug_requested(argv: Sequence[str]) -> bool:
+    """True for `--debug` among the arguments or PETL_VISION_DEBUG set to anything but "", "0", "false", "no"."""
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def error_message(err: BaseException) -> str:
+    """`err` as one line: its message (an OSError as "<reason>: <file>"; a DataLoader worker's traceback cut
+    down to the original message), lines joined with "; ", the type named when it is a library's own."""
+    if isinstance(err, KeyError) and len(err.args) == 1:
+        text = str(err.args[0])
+    elif isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.strerror}: {err.filename}"
+    else:
+        text = str(err)
+    text = worker_message(text)  # torch re-raises a worker's exception with the worker's traceback as its message
+    module = type(err).__module__
+    if not text.strip():
+        text = type(err).__name__
+    elif module != "builtins" and not module.startswith("petl_vision"):
+        text = f"{type(err).__name__}: {text}"  # e.g. SafetensorError, DecompressionBombError
+    return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> int:
+    """Call `main(argv)` (default: sys.argv[1:]); the exit status: 0, or 2 after one `error:` line on stderr.
+
+    A USER_ERRORS exception is printed as `error: <message>` (error_message), unless `--debug` is among
+    the arguments or PETL_VISION_DEBUG=1: then it propagates with its traceback. Other exceptions
+    (bugs) always propagate.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        main(argv)
+    except USER_ERRORS as err:
+        if debug_requested(argv):
+            raise
+        print(f"error: {error_message(err)}", file=sys.stderr, flush=True)
+        return USER_ERROR_STATUS
+    return 0
+
+
+def trainer_options(trainer: Callable, args: argparse.Namespace) -> dict:
+    """The keyword options of the command line `trainer` accepts: resume, and overwrite where it has it."""
+    options = {"resume": args.resume}
+    if getattr(args, "overwrite", False) and "overwrite" in inspect.signature(trainer).parameters:
+        options["overwrite"] = True
+    return options
 
 RESUME_HELP = "resume from DIR (a checkpoint or output dir); alone: the latest checkpoint of output_dir"
 
@@ -26,7 +122,8 @@ def training_parser(description: str, config_help: str, config_required: bool = 
         parser.add_argument("--merge", action="store_true", help="also save <output_dir>/merged.safetensors when mergeable")
     parser.add_argument("--output-dir", help="overrides output_dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
+    parser.add_argument("--overwrite", action="store_true", help="train into an output_dir that holds another run")
+    return add_debug_argument(parser)
 
 
 def diffusion_parser(description: str, config_help: str) -> argparse.ArgumentParser:

@@ -8,6 +8,8 @@ plus any fields of that method's config (passed to `pv.apply` as overrides), e.g
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +21,28 @@ import yaml
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and the source."""
+
+
+# PyYAML follows YAML 1.1, where `1e-3` and `1.0e3` are strings; configs and overrides read them as
+# floats (YAML 1.2), and format_override quotes such strings so that they stay strings.
+_FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
+class YamlLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads `1e-3`, `1.0e3` and `5E+2` as floats."""
+
+
+class YamlDumper(yaml.SafeDumper):
+    """yaml.SafeDumper that quotes the strings YamlLoader would read as floats."""
+
+
+for _cls in (YamlLoader, YamlDumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    """`text` parsed with YamlLoader (safe; `1e-3` is a float)."""
+    return yaml.load(text, Loader=YamlLoader)
 
 
 @dataclass
@@ -103,11 +127,20 @@ def valid_keys() -> list[str]:
 
 
 def read_mapping(path: str | Path) -> dict:
-    """The top-level mapping of a YAML file (yaml.safe_load); ConfigError naming the file otherwise."""
+    """The top-level mapping of a YAML file (load_yaml); ConfigError naming the file for a missing, binary or malformed file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+        what = "is a directory" if path.is_dir() else "not found"
+        raise ConfigError(f"config file {what}: {path} (expected a YAML file, e.g. configs/demo_digits.yaml)")
+    try:
+        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8); expected a YAML config") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML ({problem}{where})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(raw).__name__}")
     return raw
@@ -175,7 +208,8 @@ OVERRIDE_FORM = "key=value with a dotted key and a YAML value, e.g. optim.lr=0.0
 
 
 def parse_override(item: str, empty: Any = None) -> tuple[list[str], Any]:
-    """`a.b=3` -> (["a", "b"], 3): the dotted key and the value read with yaml.safe_load.
+    """`a.b=3` -> (["a", "b"], 3): the dotted key and the value read with load_yaml
+    (YAML; `1e-3` is a float).
 
     `key=` (nothing after `=`) gives `empty`. ConfigError naming `item` and the accepted form for a
     missing `=`, an empty key part or a value YAML cannot read.
@@ -187,7 +221,7 @@ def parse_override(item: str, empty: Any = None) -> tuple[list[str], Any]:
     if not text.strip():
         return path, empty
     try:
-        return path, yaml.safe_load(text)
+        return path, load_yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); "
                           f"expected {OVERRIDE_FORM}") from None
@@ -195,7 +229,7 @@ def parse_override(item: str, empty: Any = None) -> tuple[list[str], Any]:
 
 def format_override(key: str, value: Any) -> str:
     """The `key=value` text that parse_override reads back as `value` (strings quoted only when YAML needs it)."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), allow_unicode=True)
+    text = yaml.dump(value, Dumper=YamlDumper, default_flow_style=True, width=float("inf"), allow_unicode=True)
     text = text.removesuffix("...\n").strip()  # a plain scalar ends its YAML document with "..."
     return f"{key}={text}"
 
@@ -278,7 +312,7 @@ CHOICES = {
     "optim.name": ("adamw", "sgd"),
     "optim.lr_scaling": ("none", "linear256"),
     "sched.name": ("cosine", "constant"),
-    "mixed_precision": (None, "no", "fp16", "bf16", "fp8"),
+    "mixed_precision": (None, "no", "fp16", "bf16"),
 }
 
 
@@ -293,10 +327,13 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
     }
     for key, value in values.items():
         if value not in CHOICES[key]:
-            raise ConfigError(f"{source}: {key} must be one of {CHOICES[key]}, got {value!r}")
+            accepted = ", ".join(str(c) for c in CHOICES[key] if c is not None)
+            raise ConfigError(f"{source}: {key} must be one of {accepted}, got {value!r}")
     for key in ("epochs", "batch_size", "grad_accum_steps", "keep_checkpoints"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{source}: {key} must be >= 1, got {getattr(cfg, key)}")
+    if not isinstance(cfg.optim.betas, list) or len(cfg.optim.betas) != 2:
+        raise ConfigError(f"{source}: optim.betas must be a list of two numbers in [0, 1), e.g. [0.9, 0.999], got {cfg.optim.betas!r}")
     try:
         from petl_vision import make_config
     except ImportError:  # the core is not there yet: pv.apply will check the method fields
@@ -363,11 +400,68 @@ def apply_section_override(raw: dict, item: str, sections: dict[str, type]) -> d
     return merge_dicts(raw, nested(path, value))
 
 
-def coerce(value, tp, source: str, key: str):
-    """`value` checked / converted to type `tp` (PyYAML reads `5e-3` as a string); ConfigError naming `source` and `key`.
+def _interval(lo, hi, lo_open=False, hi_open=False):
+    """A (check, text) pair: finite numbers in the interval; None bounds are unbounded."""
+    def check(v):
+        return (math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo))
+                and (hi is None or (v < hi if hi_open else v <= hi)))
+    if hi is None:
+        text = f"a finite number {'>' if lo_open else '>='} {lo}"
+    else:
+        text = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    return check, text
 
-    `Any` accepts every value.
+
+POSITIVE, NON_NEGATIVE, FRACTION = _interval(0, None, lo_open=True), _interval(0, None), _interval(0, 1)
+BETA = _interval(0, 1, hi_open=True)
+# The range of every numeric field, by its dotted key (any trainer's config: classifier, CLIP,
+# point cloud, diffusion, erasure); the last part alone (`lr`) also matches top-level keys.
+RANGES = {
+    "lr": POSITIVE, "min_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "momentum": BETA,
+    "betas": BETA, "adam_betas": BETA, "adam_eps": POSITIVE, "label_smoothing": FRACTION,
+    "clip_grad_norm": POSITIVE, "max_grad_norm": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE,
+    "warmup_steps": NON_NEGATIVE, "num_workers": NON_NEGATIVE, "eval_batch_size": _interval(1, None),
+    "num_classes": _interval(1, None), "input_size": _interval(1, None), "shots": NON_NEGATIVE,
+    "test_fraction": _interval(0, 1, lo_open=True, hi_open=True), "crop_scale": _interval(0, 1, lo_open=True),
+    "noise": NON_NEGATIVE, "num_points": _interval(1, None), "samples_per_class": _interval(1, None),
+    "eval_samples_per_class": _interval(1, None), "alpha": POSITIVE, "anchor_strength": NON_NEGATIVE,
+    "sampling_guidance": NON_NEGATIVE, "erase_guidance": NON_NEGATIVE,
+}
+RANGE_EXEMPT = {"model_kwargs", "method"}  # free-form sections: their owners check them
+
+
+# The accepted strings of keys that mean the same in every trainer's config.
+KEY_CHOICES = {"mixed_precision": ("no", "fp16", "bf16"), "optim.name": ("adamw", "sgd"),
+               "optim.lr_scaling": ("none", "linear256"), "sched.name": ("cosine", "constant")}
+
+
+def check_range(value, source: str, key: str) -> None:
+    """ConfigError naming `source` and `key` when a number (or each number of a list) is outside RANGES[key],
+    or a string is not one of KEY_CHOICES[key]."""
+    if key in KEY_CHOICES and value is not None and value not in KEY_CHOICES[key]:
+        raise ConfigError(f"{source}: {key} must be one of {', '.join(KEY_CHOICES[key])}, got {value!r}")
+    parts = key.split(".")
+    rule = RANGES.get(parts[-1].split("[")[0])
+    if rule is None or parts[0] in RANGE_EXEMPT or value is None or isinstance(value, bool):
+        return
+    check, text = rule
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not check(v):
+            got = value if isinstance(value, list) else v
+            raise ConfigError(f"{source}: {key} must be {text}{' each' if isinstance(value, list) else ''}, got {got!r}")
+
+
+def coerce(value, tp, source: str, key: str):
+    """`value` converted to type `tp` and range-checked (RANGES); ConfigError naming `source` and `key`.
+
+    Strings that read as numbers (`1e-3`, `nan`) are accepted for float fields; `Any` accepts every value.
     """
+    value = _coerce(value, tp, source, key)
+    check_range(value, source, key)
+    return value
+
+
+def _coerce(value, tp, source: str, key: str):
     if tp is Any:
         return value
     args = typing.get_args(tp)
@@ -375,7 +469,7 @@ def coerce(value, tp, source: str, key: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return coerce(value, inner[0], source, key)
+        return _coerce(value, inner[0], source, key)
     origin = typing.get_origin(tp) or tp
     try:
         if origin is bool:
@@ -390,8 +484,15 @@ def coerce(value, tp, source: str, key: str):
             raise TypeError
         if origin is str and isinstance(value, str):
             return value
-        if origin in (dict, list) and isinstance(value, origin):
+        if origin is list and isinstance(value, list):
+            inner = typing.get_args(tp)
+            if inner and inner[0] is not Any:
+                return [_coerce(v, inner[0], source, f"{key}[{i}]") for i, v in enumerate(value)]
             return value
+        if origin is dict and isinstance(value, dict):
+            return value
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         pass
     expected = getattr(origin, "__name__", str(origin))

@@ -1,9 +1,12 @@
 """Build the host model named by a TrainConfig (timm name or the demo ViT)."""
 from __future__ import annotations
 
+import difflib
+import pickle
 from pathlib import Path
 
 import timm
+from safetensors import SafetensorError
 import torch.nn as nn
 
 from .config import ConfigError, TrainConfig
@@ -32,6 +35,18 @@ def build_model(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module:
     kwargs = dict(cfg.model_kwargs)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    if checkpoint is not None:
-        return timm.create_model(cfg.model, pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)), **kwargs)
-    return timm.create_model(cfg.model, pretrained=cfg.pretrained, **kwargs)
+    if ":" not in cfg.model and not timm.is_model(cfg.model):  # hf-hub:... and local-dir:... go to timm
+        close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
+        raise ConfigError(f"model {cfg.model!r} is not a timm model name nor 'demo_vit'{hint}")
+    try:
+        if checkpoint is not None:
+            return timm.create_model(cfg.model, pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)), **kwargs)
+        return timm.create_model(cfg.model, pretrained=cfg.pretrained, **kwargs)
+    except (TypeError, AssertionError) as e:  # a keyword the model does not take, or a value it cannot use
+        if not cfg.model_kwargs:
+            raise
+        raise ConfigError(f"model {cfg.model!r} with model_kwargs {cfg.model_kwargs}: {e}") from e
+    except (SafetensorError, pickle.UnpicklingError, EOFError) as e:
+        raise ConfigError(f"checkpoint {checkpoint}: not a readable weights file ({type(e).__name__}: {e}); "
+                          "expected a .safetensors file or a .pth/.bin state dict") from e
