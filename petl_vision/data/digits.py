@@ -32,8 +32,11 @@ def load_digits_splits(test_fraction: float = 0.3, seed: int = 0):
 
     Each image is 8x8 RGB with pixel value `v / 16 * 255` (the data set's values are 0..16).
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as e:
+        raise ImportError('the digits demo needs scikit-learn (the "demo" extra): pip install -e ".[demo]" or pip install scikit-learn') from e
 
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1); got {test_fraction}")

@@ -7,11 +7,12 @@
     pv.diffusers.unload_sara(pipe)                             # base weights back, bit for bit
 """
 from .evaluate import evaluate_erasure, write_report
+from .lora_format import export_diffusers_lora
 from .sara import load_official_checkpoint, load_sara, unload_sara
 from .spm import disabled, list_loaded, load_spm, set_transport, set_weights, transport_strengths, unload
 from .spm_format import export_lora, read_spm, save_spm
 
 __all__ = [
-    "disabled", "evaluate_erasure", "export_lora", "list_loaded", "load_official_checkpoint", "load_sara", "load_spm",
+    "disabled", "evaluate_erasure", "export_diffusers_lora", "export_lora", "list_loaded", "load_official_checkpoint", "load_sara", "load_spm",
     "read_spm", "save_spm", "set_transport", "set_weights", "transport_strengths", "unload", "unload_sara", "write_report",
 ]
