@@ -48,8 +48,8 @@ def test_mask_tuning_l2_term_is_in_the_classifier_loss(image_root, tmp_path):  #
         cfg = tiny_config(image_root, tmp_path / name, "method.name=mask_tuning", "method.grad_dropout=false", *extra)
         return train(cfg)
 
-    # lr 0: nothing moves, so the loss differs by exactly the penalty at the initial scores.
-    frozen_on, frozen_off = run("on0", "optim.lr=0", "method.reg_weight=0.5"), run("off0", "optim.lr=0", "method.reg_weight=0")
+    # lr 1e-30 (the config refuses 0): nothing moves, so the loss differs by exactly the penalty at the initial scores.
+    frozen_on, frozen_off = run("on0", "optim.lr=1e-30", "method.reg_weight=0.5"), run("off0", "optim.lr=1e-30", "method.reg_weight=0")
     sizes = [m.score.numel() for _, m in mt.masks(frozen_on["model"])]
     penalty = 0.5 * sum(0.01 * n ** 0.5 for n in sizes)  # reg_weight x sum of ||score||_2, scores all 1e-2
     for on, off in zip(frozen_on["history"], frozen_off["history"]):

@@ -347,9 +347,9 @@ def load_checkpoint(accelerator, folder: Path, model, optimizer, scheduler) -> d
                               f"resume with the same number (now {accelerator.num_processes})")
     state = _load(folder, "state")
     plain = accelerator.unwrap_model(model)
-    wanted = trainable_state(plain)
-    missing = [k for k, v in plain.named_parameters() if v.requires_grad and k in wanted and k not in state["model"]]
-    result = plain.load_state_dict(state["model"], strict=False)
+    trainable = {k for k, v in plain.named_parameters() if v.requires_grad}
+    result = plain.load_state_dict(state["model"], strict=False)  # the frozen backbone is not in the checkpoint
+    missing = [k for k in result.missing_keys if k in trainable]
     if missing or result.unexpected_keys:
         raise CheckpointError(f"resume: {folder} does not fit this model (missing {missing[:3]}, unexpected "
                               f"{result.unexpected_keys[:3]}); it was written for another model or method")

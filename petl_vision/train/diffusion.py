@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-import shutil
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -34,13 +32,19 @@ import yaml
 
 import petl_vision as pv
 from petl_vision.data.captions import CaptionedImageFolder, image_transform, sdxl_image_transform
+from .checkpoint import RUN_ARTIFACTS, Run, check_finite, load_checkpoint, run_record, save_checkpoint, start_run
 from .conditioning import ConditioningError, TextConditioning, is_sdxl
 from .config import ConfigError, MethodSection, check_override, coerce, merge_dicts, nested, parse_override, read_mapping
+from .tracking import MetricsLog
 from .trainer import MethodHooks, TrainState
 
 METHODS = ("sara", "lora", "full")
 # diffusers' standard LoRA placement for Stable Diffusion: the attention projections.
 LORA_DEFAULTS = {"r": 4, "alpha": 4.0, "target_modules": r"to_(q|k|v|out\.0)$", "train_head": False}
+# Config keys that do not change what is trained: a run may be resumed with other values.
+IGNORED_KEYS = ("output_dir", "progress", "overwrite", "keep_checkpoints", "checkpoint_every", "validation_prompt",
+                "validation_every", "num_validation_images", "validation_inference_steps", "num_workers", "log_with")
+ARTIFACTS = (*RUN_ARTIFACTS, "unet", "validation")
 
 
 @dataclass
@@ -53,6 +57,7 @@ class DiffusionConfig:
     lr: None = the method's rule: SaRA 1e-3 * exp(-350 * threshold) (official), LoRA 1e-4, full 1e-5.
     lr_scheduler: any name of diffusers.optimization.get_scheduler (cosine, constant, linear, ...).
     checkpoint_every / validation_every: in optimizer steps; validation needs validation_prompt.
+    overwrite: replace the run that output_dir holds (else an output_dir holding another run is refused).
     """
 
     model: str = "runwayml/stable-diffusion-v1-5"
@@ -84,6 +89,7 @@ class DiffusionConfig:
     seed: int = 42
     num_workers: int = 0
     progress: bool = True
+    overwrite: bool = False
 
 
 def load_diffusion_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DiffusionConfig:
@@ -180,11 +186,31 @@ def load_components(cfg: DiffusionConfig) -> dict:
     }
 
 
-def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = None, stop_after_step: int | None = None) -> dict:
+def config_record(cfg) -> dict:
+    """The YAML record of a DiffusionConfig / EraseConfig (method overrides flattened into `method`)."""
+    record = dataclasses.asdict(cfg)
+    if isinstance(getattr(cfg, "method", None), MethodSection):
+        record["method"] = {"name": cfg.method.name, **cfg.method.overrides}
+    return record
+
+
+def start_diffusion_run(cfg, resume, overwrite: bool, artifacts: tuple[str, ...] = ARTIFACTS) -> Run:
+    """`checkpoint.start_run` for a diffusion config (checkpoints `step_<n>`); writes nothing."""
+    record = run_record(config_record(cfg), IGNORED_KEYS)
+    return start_run(cfg.output_dir, record, resume=resume, overwrite=overwrite or cfg.overwrite, prefix="step", artifacts=artifacts)
+
+
+def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = None, stop_after_step: int | None = None,
+                    overwrite: bool = False) -> dict:
     """Train and return {"unet", "output_dir", "adapter_dir", "unet_dir", "steps", "losses", "trainable_params"}.
 
-    resume: a checkpoint dir, or True for the latest under `cfg.output_dir/checkpoints`.
+    resume: a checkpoint dir, an output dir or True (the latest complete checkpoint under
+        `cfg.output_dir/checkpoints`), written by the same configuration (IGNORED_KEYS aside).
     stop_after_step: stop (as if interrupted) after that step's checkpoint; for tests.
+    overwrite: replace the run output_dir holds (also `cfg.overwrite`); else FileExistsError. Nothing
+        is written before the pipeline, data and checkpoint are loaded.
+    A NaN or infinite loss raises FloatingPointError naming the step; nothing is exported then.
+    metrics.jsonl gets {"step", "loss", "lr"} per optimizer step.
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -195,11 +221,9 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
     set_seed(cfg.seed)
-    out = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        record = dataclasses.asdict(cfg) | {"method": {"name": cfg.method.name, **cfg.method.overrides}}
-        (out / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+    run = start_diffusion_run(cfg, resume, overwrite)
+    accelerator.wait_for_everyone()
+    out = run.out
 
     parts = load_components(cfg)
     conditioning, vae, unet, noise_scheduler = (parts[k] for k in ("conditioning", "vae", "unet", "noise_scheduler"))
@@ -225,10 +249,14 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
     optimizer = torch.optim.AdamW(trainable, lr=default_lr(cfg), betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     from diffusers.optimization import get_scheduler
 
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * accelerator.num_processes,
-                              num_training_steps=cfg.max_steps * accelerator.num_processes)
-    unet, optimizer, loader, scheduler = accelerator.prepare(unet, optimizer, loader, scheduler)
-    state = resumable_state(accelerator, out, resume)
+    # Not prepared: stepped once per optimizer step, so the schedule does not depend on the number of processes.
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+    state = resumable_state(accelerator, run, unet, optimizer, scheduler)
+    run.commit(accelerator, yaml.safe_dump(config_record(cfg), sort_keys=False))
+    log = MetricsLog(out, enabled=accelerator.is_main_process, tensorboard=False)
+    log.truncate_after(state.step, key="step")
+    hint = f"lower lr (now {default_lr(cfg):g})"
 
     plain_unet = accelerator.unwrap_model(unet)
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum_steps))
@@ -242,21 +270,25 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
         for pixels, batch in batches:
             with accelerator.accumulate(unet):
                 loss = noise_prediction_loss(unet, vae, conditioning, noise_scheduler, pixels, batch, weight_dtype)
-                accelerator.backward(hooks.loss(loss))
+                total = hooks.loss(loss)
+                check_finite(total, state.step + 1, "", hint, accelerator)
+                accelerator.backward(total)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)  # the frozen ones have no .grad
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
             losses.append(accelerator.gather(loss.detach()).mean().item())
+            log.log({"step": state.step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0]})
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             hooks.on_step(optimizer, state.step, accelerator.print)  # SaRA's re-selection swaps Parameters
             if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
-                save_checkpoint(accelerator, out, state.step, cfg.keep_checkpoints)
+                save_checkpoint(accelerator, run, state.step, unet, optimizer, scheduler, state.state_dict(), cfg.keep_checkpoints)
             if cfg.validation_prompt and accelerator.is_main_process and (state.step % cfg.validation_every == 0 or state.step == cfg.max_steps):
                 validate(cfg, parts, plain_unet, accelerator, state.step, weight_dtype)
                 unet.train()
@@ -265,6 +297,7 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
         if state.step == stop_after_step:
             break
     bar.close()
+    log.close()
     result = {"unet": plain_unet, "output_dir": str(out), "adapter_dir": None, "unet_dir": None, "steps": state.step,
               "losses": losses, "trainable_params": sum(p.numel() for p in plain_unet.parameters() if p.requires_grad)}
     if state.step < cfg.max_steps:  # stopped early
@@ -351,37 +384,11 @@ def validate(cfg: DiffusionConfig, parts: dict, unet, accelerator, step: int, we
     return paths
 
 
-def _step_of(path: Path) -> int:
-    match = re.fullmatch(r"step_(\d+)", path.name)
-    return int(match.group(1)) if match else -1
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path:
-    """The newest `output_dir/checkpoints/step_<n>`."""
-    ckpts = sorted(Path(output_dir, "checkpoints").glob("step_*"), key=_step_of)
-    if not ckpts:
-        raise FileNotFoundError(f"resume: no checkpoint in {output_dir} (expected {output_dir}/checkpoints/step_<n>)")
-    return ckpts[-1]
-
-
-def resumable_state(accelerator, out: Path, resume: str | Path | bool | None = None) -> TrainState:
-    """A TrainState saved with every checkpoint; with `resume`, restored (with the prepared objects) from
-    the checkpoint `resume` names, or the newest one in `out` when it is True."""
+def resumable_state(accelerator, run: Run, model, optimizer, scheduler) -> TrainState:
+    """The step counters; restored (with the trainable state, optimizer, scheduler and RNG states) from
+    `run.resume_from` when the run resumes."""
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    if resume:
-        ckpt = latest_checkpoint(out) if resume is True else Path(resume)
-        accelerator.load_state(str(ckpt))
-        accelerator.print(f"resumed from {ckpt} at step {state.step}")
+    if run.resume_from is not None:
+        state.load_state_dict(load_checkpoint(accelerator, run.resume_from, model, optimizer, scheduler))
+        accelerator.print(f"resumed from {run.resume_from} at step {state.step}")
     return state
-
-
-def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> Path:
-    """`accelerator.save_state` to `out/checkpoints/step_<step>`, keeping the last `keep`."""
-    ckpt = out / "checkpoints" / f"step_{step}"
-    accelerator.save_state(str(ckpt))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for old in sorted((out / "checkpoints").glob("step_*"), key=_step_of)[:-keep]:
-            shutil.rmtree(old)
-    return ckpt

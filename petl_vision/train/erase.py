@@ -32,7 +32,6 @@ every `checkpoint_every` steps with exact `--resume`, the official file every ch
 """
 from __future__ import annotations
 
-import dataclasses
 import random
 import re
 import sys
@@ -49,7 +48,12 @@ from petl_vision.methods.spm import membranes_disabled
 
 from .conditioning import TextConditioning
 from .config import ConfigError, check_override, coerce, parse_override, read_mapping
-from .diffusion import load_unet_and_conditioning, resumable_state, save_checkpoint
+from .checkpoint import check_finite, save_checkpoint
+from .diffusion import ARTIFACTS, config_record, load_unet_and_conditioning, resumable_state, start_diffusion_run
+from .tracking import MetricsLog
+
+# A run folder of erase_concept also holds the membranes it wrote.
+ERASE_ARTIFACTS = (*ARTIFACTS, "*steps.safetensors", "*_last.safetensors")
 
 
 @dataclass
@@ -66,6 +70,7 @@ class EraseConfig:
     resolution / dynamic_resolution: image size (random in [res/2, res) in 64 px steps when dynamic).
     optimizer: adamw (torch) or adamw8bit (bitsandbytes, official). lr_scheduler: any name of
     diffusers.optimization.get_scheduler. max_grad_norm: 0 = no clipping (official).
+    overwrite: replace the run that output_dir holds (else an output_dir holding another run is refused).
     """
 
     model: str = "CompVis/stable-diffusion-v1-4"
@@ -101,6 +106,7 @@ class EraseConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     progress: bool = True
+    overwrite: bool = False
 
     @property
     def membrane_name(self) -> str:
@@ -264,11 +270,17 @@ def erase_step(cfg: EraseConfig, unet, plain_unet, scheduler, embeds: dict, vae_
     return losses
 
 
-def train_erasure(cfg: EraseConfig, resume: str | Path | bool | None = None, stop_after_step: int | None = None) -> dict:
+def train_erasure(cfg: EraseConfig, resume: str | Path | bool | None = None, stop_after_step: int | None = None,
+                  overwrite: bool = False) -> dict:
     """Train and return {"unet", "output_dir", "spm_file", "steps", "losses", "trainable_params"}.
 
-    resume: a checkpoint dir, or True for the latest under `cfg.output_dir/checkpoints`.
+    resume: a checkpoint dir, an output dir or True (the latest complete checkpoint under
+        `cfg.output_dir/checkpoints`), written by the same configuration.
     stop_after_step: stop (as if interrupted) after that step's checkpoint; for tests.
+    overwrite: replace the run output_dir holds (also `cfg.overwrite`); else FileExistsError. Nothing
+        is written before the pipeline and checkpoint are loaded.
+    A NaN or infinite loss raises FloatingPointError naming the step; no membrane is written then.
+    metrics.jsonl gets {"step", "loss", "erase", "anchor", "lr"} per step.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -279,10 +291,9 @@ def train_erasure(cfg: EraseConfig, resume: str | Path | bool | None = None, sto
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
-    out = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    run = start_diffusion_run(cfg, resume, overwrite, ERASE_ARTIFACTS)
+    accelerator.wait_for_everyone()
+    out = run.out
     parts = load_parts(cfg)
     conditioning, unet, scheduler = parts.pop("conditioning"), parts["unet"], parts["scheduler"]
     device = accelerator.device
@@ -308,30 +319,37 @@ def train_erasure(cfg: EraseConfig, resume: str | Path | bool | None = None, sto
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps,
                                  num_cycles=cfg.lr_num_cycles)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    unet, optimizer = accelerator.prepare(unet, optimizer)  # the scheduler steps once per step, whatever the process count
     plain_unet = accelerator.unwrap_model(unet)
-    state = resumable_state(accelerator, out, resume)
+    state = resumable_state(accelerator, run, unet, optimizer, lr_scheduler)
+    run.commit(accelerator, yaml.safe_dump(config_record(cfg), sort_keys=False))
+    log = MetricsLog(out, enabled=accelerator.is_main_process, tensorboard=False)
+    log.truncate_after(state.step, key="step")
 
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (cfg.progress and sys.stderr.isatty() and accelerator.is_local_main_process))
     losses: list[dict] = []
     while state.step < cfg.max_steps and state.step != stop_after_step:
         with accelerator.autocast():
             step_losses = erase_step(cfg, unet, plain_unet, scheduler, embeds, parts["vae_scale"], device, pooled)
+        check_finite(step_losses["loss"], state.step + 1, "", f"lower lr (now {cfg.lr:g}) or anchor_strength", accelerator)
         accelerator.backward(step_losses["loss"])
         if cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
         optimizer.step()
-        lr_scheduler.step()
+        if not accelerator.optimizer_step_was_skipped:
+            lr_scheduler.step()
         optimizer.zero_grad()
         state.step += 1
         losses.append({k: v.item() for k, v in step_losses.items()})
+        log.log({"step": state.step, **losses[-1], "lr": lr_scheduler.get_last_lr()[0]})
         bar.update()
         bar.set_postfix(loss=f"{losses[-1]['loss']:.3e}", erase=f"{losses[-1]['erase']:.3e}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}")
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
-            save_checkpoint(accelerator, out, state.step, cfg.keep_checkpoints)
+            save_checkpoint(accelerator, run, state.step, unet, optimizer, lr_scheduler, state.state_dict(), cfg.keep_checkpoints)
             if accelerator.is_main_process and state.step < cfg.max_steps:
                 save_spm(plain_unet, out / f"{name}_{state.step}steps.safetensors", name)
     bar.close()
+    log.close()
     result = {"unet": plain_unet, "output_dir": str(out), "spm_file": None, "steps": state.step, "losses": losses,
               "trainable_params": sum(p.numel() for p in trainable)}
     if state.step < cfg.max_steps:

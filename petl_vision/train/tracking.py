@@ -14,11 +14,11 @@ def json_safe(record: dict) -> dict:
 class MetricsLog:
     """Appends one JSON line per epoch to `<output_dir>/metrics.jsonl` (and TensorBoard scalars)."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool = True):
+    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.writer = None
-        if not enabled:
+        if not enabled or not tensorboard:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
