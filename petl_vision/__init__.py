@@ -12,7 +12,7 @@ from . import diffusers  # noqa: F401  (pipeline plugin: pv.diffusers.load_sara,
 from . import methods as _methods  # noqa: F401  (registers every method)
 from .core.api import Summary, apply, can_merge, merge, summary
 from .core.errors import AdapterFileError, AdapterMismatchError, ConfigError, MergeError, UnknownMethodError, UnsupportedHostError
-from .core.io import load_adapter, save_adapter
+from .core.io import load_adapter, push_to_hub, save_adapter
 from .core.registry import Method, MethodConfig, get_config_class, get_method, list_methods, make_config, register_method
 
 __version__ = "0.1.0"
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterFileError", "AdapterMismatchError", "ConfigError", "MergeError", "Method", "MethodConfig", "Summary",
     "UnknownMethodError", "UnsupportedHostError", "apply", "can_merge", "get_config_class", "get_method",
-    "list_methods", "load_adapter", "make_config", "merge", "register_method", "save_adapter", "summary",
+    "list_methods", "load_adapter", "make_config", "merge", "push_to_hub", "register_method", "save_adapter", "summary",
 ]
 
 for _name in list_methods():

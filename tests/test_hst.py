@@ -166,7 +166,7 @@ def test_head_batchnorm_follows_the_model_mode(tmp_path):
     torch.testing.assert_close(pooled[1][1], (pooled[1][0] - norm.running_mean) / torch.sqrt(norm.running_var + 1e-6))
     # the adapter keys of the former AffineFreeBatchNorm (same buffers, same names): older adapters still load
     pv.save_adapter(model, tmp_path / "hst")
-    saved = json.loads((tmp_path / "hst" / "adapter_config.json").read_text())["tensors"]
+    saved = json.loads((tmp_path / "hst" / "petl_adapter.json").read_text())["tensors"]
     assert sorted(k for k in saved if k.startswith("petl.hst.fc_norm.")) == [
         "petl.hst.fc_norm.num_batches_tracked", "petl.hst.fc_norm.running_mean", "petl.hst.fc_norm.running_var"]
 

@@ -216,7 +216,7 @@ def test_save_load_merge_and_resume(tmp_path):
     unet.eval()
     expected = run(unet)
     pv.save_adapter(unet, tmp_path / "a")
-    meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    meta = json.loads((tmp_path / "a" / "petl_adapter.json").read_text())
     assert meta["methods"][0]["config"]["fraction"] == 0.05
     assert any(k.endswith(".fixed_values") and v[0] > 0 for k, v in meta["tensors"].items())
 

@@ -50,7 +50,7 @@ def test_two_epoch_run(image_root, tmp_path):
     assert len(lines) == 2
     last = json.loads(lines[-1])
     assert last["epoch"] == 2 and 0.0 <= last["top1"] <= 100.0 and "top5" not in last  # 3 classes
-    assert (out / "adapter" / "adapter.safetensors").is_file() and (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "adapter" / "adapter.safetensors").is_file() and (out / "adapter" / "petl_adapter.json").is_file()
     assert (out / "checkpoints" / "epoch_2").is_dir() and (out / "checkpoints" / "epoch_1").is_dir()
     assert result["merged_path"] and (out / "merged.safetensors").is_file()
     saved = load_file(out / "adapter" / "adapter.safetensors")

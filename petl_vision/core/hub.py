@@ -74,14 +74,17 @@ def resolve_dir(path_or_repo_id: str | os.PathLike, revision: str | None = None,
 
 def upload_folder(directory: str | os.PathLike, repo_id: str, *, revision: str | None = None,
                   commit_message: str | None = None, private: bool | None = None,
-                  token: str | bool | None = None, create_pr: bool = False) -> str:
-    """Create `repo_id` if needed and upload the files of `directory` to it. Returns the commit url."""
+                  token: str | bool | None = None, create_pr: bool = False,
+                  ignore_patterns: list[str] | None = None) -> str:
+    """Create `repo_id` if needed and upload the files of `directory` to it (huggingface_hub's
+    `create_repo` and `upload_folder`). Returns the commit url."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     info = api.upload_folder(repo_id=repo_id, folder_path=str(directory), revision=revision,
-                             commit_message=commit_message or "Upload petl_vision adapter", create_pr=create_pr)
+                             commit_message=commit_message or "Upload petl_vision adapter", create_pr=create_pr,
+                             ignore_patterns=ignore_patterns)
     return str(getattr(info, "commit_url", info))
 
 
