@@ -224,3 +224,38 @@ def test_method_modules_follow_the_model_mode():
     model = make_host("vit").eval()
     pv.apply(model, "vpt", dropout=0.5)
     assert not model.petl.vpt.dropout.training
+
+
+@pytest.mark.parametrize("method, field, value, expected", [
+    ("vpt", "num_prompts", "abc", "an integer"),
+    ("lora", "r", "x", "an integer"),
+    ("lora", "r", 2.5, "an integer"),
+    ("lora", "train_head", "abc", "true or false"),
+    ("lora", "alpha", None, r"a number \(or a string such as \"1e-3\"\)"),
+    ("lora", "target_modules", 3, "a string or None"),
+    ("hst", "widths", [32, "a"], "a list of integers"),
+])
+def test_wrong_value_types_name_method_field_and_type(method, field, value, expected):
+    model = make_host("vit")
+    with pytest.raises(pv.ConfigError, match=rf"method '{method}': field '{field}' must be {expected}, got {value!r}".replace("[", r"\[")):
+        pv.apply(model, method, **{field: value})
+    assert not hasattr(model, "petl") and all(p.requires_grad for p in model.parameters())
+    assert issubclass(pv.ConfigError, TypeError) and issubclass(pv.ConfigError, ValueError)
+
+
+def test_values_are_converted_to_the_field_types():
+    config = pv.make_config("lora", r=8.0, alpha="1e-3", dropout=0)
+    assert (config.r, type(config.r), config.alpha, config.dropout) == (8, int, 1e-3, 0)
+    assert pv.make_config("vpt", num_prompts="4").num_prompts == 4
+    assert pv.make_config("hst", widths=[32, 48, 64, 72]).widths == (32, 48, 64, 72)
+    assert pv.make_config("sara", module_types=["Linear"], fraction="0.5") == pv.SaRAConfig(module_types=("Linear",), fraction=0.5)
+    # a config object goes through the same checks
+    assert pv.make_config(pv.LoRAConfig(r=4), alpha="2").alpha == 2.0
+
+
+@pytest.mark.parametrize("method", ["ssf", "lora", "bitfit", "full", "vpt"])
+def test_a_bare_layer_is_refused_with_our_error(method):
+    layer = torch.nn.Linear(4, 4)
+    with pytest.raises(pv.UnsupportedHostError, match=f"method '{method}': Linear is a single layer with no submodules.*wrap it"):
+        pv.apply(layer, method)
+    assert not hasattr(layer, "petl") and layer.weight.requires_grad
