@@ -2,6 +2,7 @@
 
     pv.diffusers.load_sara(pipe, "runs/sd15_sara/adapter")     # a pv.save_adapter directory
     pv.diffusers.load_sara(pipe, "checkpoint-5000/unet.pt")   # an official SaRA checkpoint
+    pv.diffusers.load_sara(pipe, "user/sd15-sara")             # a Hub repo holding an adapter folder
     pv.diffusers.unload_sara(pipe)
 
 Loading changes only the selected entries of the UNet's weights (written in place, no copy of the
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -21,7 +23,8 @@ import torch
 from torch import nn
 
 from ..core.api import apply
-from ..core.errors import AdapterMismatchError
+from ..core.errors import AdapterFileError, AdapterMismatchError
+from ..core.hub import is_repo_id, resolve_dir, resolve_file
 from ..core.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from ..core.state import get_state
 from ..methods.sara import SaRAConfig, host_name, sara_module, unload
@@ -30,13 +33,18 @@ from ._plugin import pipeline_denoiser
 OFFICIAL_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
-def load_sara(pipe, file_or_dir: str | os.PathLike, **overrides):
+def load_sara(pipe, file_or_dir: str | os.PathLike, *, weight_name: str | None = None, revision: str | None = None,
+              **overrides):
     """Load SaRA into `pipe`'s UNet (in place) and return `pipe`.
 
-    file_or_dir: a directory written by `pv.save_adapter` (or its adapter.safetensors /
-        adapter_config.json), or an official SaRA checkpoint ``{'threshold': t, 0: values, ...}``
-        (.pt/.pth/.bin/.ckpt, read with torch.load(weights_only=True)).
+    file_or_dir: a directory written by `pv.save_adapter` (or a file of it), an official SaRA
+        checkpoint ``{'threshold': t, 0: values, ...}`` (.pt/.pth/.bin/.ckpt, read with
+        torch.load(weights_only=True)), or a Hub repo id ``"user/repo"`` holding either (through
+        huggingface_hub: its cache and HF_HUB_OFFLINE work; a local path of that name wins).
+    weight_name: a file inside the folder / repo (e.g. an official ``unet.pt``); default: the
+        folder / repo is a petl_vision adapter. revision: Hub branch, tag or commit.
     overrides: SaRAConfig fields for an official checkpoint (its file carries only the threshold).
+    Unreadable, truncated or foreign files raise AdapterFileError naming the file.
     """
     unet = pipeline_denoiser(pipe)
     state = get_state(unet)
@@ -49,9 +57,9 @@ def load_sara(pipe, file_or_dir: str | os.PathLike, **overrides):
     if fused:
         raise ValueError(f"load_sara: a LoRA is fused into the UNet's weights ({fused[:3]}: pipe.fuse_lora()); SaRA selects and "
                          "checks entries of the base weights: call pipe.unfuse_lora() first (an unfused LoRA may stay loaded)")
-    path = Path(file_or_dir)
-    if path.is_file() and path.name in (CONFIG_NAME, WEIGHTS_NAME):
-        path = path.parent
+    path = _resolve_source(file_or_dir, weight_name, revision)
+    if path.is_file() and (path.suffix == ".json" or path.name == WEIGHTS_NAME):
+        path = path.parent  # petl_adapter.json / adapter_config.json / adapter.safetensors: their folder
     if path.is_dir():
         if overrides:
             raise TypeError(f"load_sara({path}): overrides {sorted(overrides)} apply to official checkpoints only; the adapter config is in {CONFIG_NAME}")
@@ -77,8 +85,20 @@ def load_sara(pipe, file_or_dir: str | os.PathLike, **overrides):
     elif not path.exists():
         raise FileNotFoundError(f"load_sara: {path} does not exist (expected an adapter directory or an official .pt file)")
     else:
-        raise ValueError(f"load_sara: {path} is neither an adapter directory ({CONFIG_NAME} + {WEIGHTS_NAME}) nor an official checkpoint {OFFICIAL_SUFFIXES}")
+        raise AdapterFileError(f"load_sara: {path} is neither an adapter directory ({CONFIG_NAME} + {WEIGHTS_NAME}) nor an official checkpoint {OFFICIAL_SUFFIXES}")
     return pipe
+
+
+def _resolve_source(file_or_dir, weight_name: str | None, revision: str | None) -> Path:
+    """A local path for load_sara: the path itself, `weight_name` in a folder, or a Hub repo's file or snapshot."""
+    path = Path(file_or_dir)
+    if not path.exists() and is_repo_id(str(file_or_dir)):
+        if weight_name is not None:
+            return resolve_file(str(file_or_dir), weight_name, revision)
+        return resolve_dir(str(file_or_dir), revision, allow_patterns=["*.json", "*.safetensors", "*.md"])
+    if weight_name is not None:
+        return resolve_file(path, weight_name)
+    return path
 
 
 def unload_sara(pipe):
@@ -146,12 +166,10 @@ def load_official_checkpoint(model: nn.Module, checkpoint, **overrides) -> nn.Mo
     overrides: further SaRAConfig fields (e.g. rank_weight) for continued training.
     """
     source = checkpoint if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__") else "checkpoint"
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True) if source != "checkpoint" else checkpoint
-    if not isinstance(state, dict) or "threshold" not in state:
-        raise ValueError(f"{source}: not an official SaRA checkpoint (expected a dict with 'threshold' and integer keys)")
+    state = _read_checkpoint(source) if source != "checkpoint" else checkpoint
+    values = _checkpoint_values(state, source)
     # as on the model without a diffusers LoRA (its lora_A / lora_B are not the host's tensors)
     names = [n for n in (host_name(m) for m, _ in model.named_parameters()) if n is not None]
-    values = {int(k): v for k, v in state.items() if k != "threshold"}
     bad = [k for k in values if not 0 <= k < len(names)]
     if bad:
         raise ValueError(f"{source}: parameter indices {bad[:5]} outside this model's {len(names)} parameters")
@@ -170,3 +188,44 @@ def load_official_checkpoint(model: nn.Module, checkpoint, **overrides) -> nn.Mo
             if k:
                 delta.values.copy_(tensor.reshape(-1))
     return model
+
+
+OFFICIAL_LAYOUT = "a dict {'threshold': t, 0: values, 1: values, ...} (the official save_params)"
+
+
+def _read_checkpoint(path) -> object:
+    """torch.load(weights_only=True) of an official checkpoint; unreadable files raise AdapterFileError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError, ImportError,
+            IndexError, KeyError, UnicodeDecodeError, OSError) as e:  # garbage, truncated, foreign pickles
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdapterFileError(f"{path}: not a readable SaRA checkpoint ({type(e).__name__}: {reason}); expected {OFFICIAL_LAYOUT}") from None
+
+
+def _checkpoint_values(state, source) -> dict[int, torch.Tensor]:
+    """{parameter index: trained values} of an official checkpoint, its layout checked."""
+    if not isinstance(state, dict) or "threshold" not in state:
+        found = f"a dict with keys {list(state)[:5]}" if isinstance(state, dict) else type(state).__name__
+        raise AdapterFileError(f"{source}: not an official SaRA checkpoint: holds {found}; expected {OFFICIAL_LAYOUT}")
+    threshold = state["threshold"]
+    if isinstance(threshold, torch.Tensor) and threshold.numel() == 1:
+        threshold = threshold.item()
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+        raise AdapterFileError(f"{source}: 'threshold' is {state['threshold']!r}; expected a positive number")
+    values: dict[int, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key == "threshold":
+            continue
+        key = int(key) if isinstance(key, str) and key.isdigit() else key
+        if isinstance(key, bool) or not isinstance(key, int):
+            raise AdapterFileError(f"{source}: key {key!r} is not a parameter index; expected {OFFICIAL_LAYOUT}")
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise AdapterFileError(f"{source}: entry {key} is {type(tensor).__name__}, not a float tensor of trained values")
+        values[key] = tensor
+    if not values:
+        raise AdapterFileError(f"{source}: holds only the threshold {threshold}, no trained values: not a trained SaRA "
+                               f"checkpoint (expected {OFFICIAL_LAYOUT})")
+    return values

@@ -24,16 +24,18 @@ from ..core.state import get_state
 from ..methods import spm as spm_method
 from ..methods.spm import SPMConfig, has_spm, spm_module, target_layers
 from ._plugin import pipeline_denoiser
-from .spm_format import SPMFile, read_spm
+from .spm_format import SPMFile, read_spm, resolve_spm_source
 from .transport import Transport
 
 TRANSPORT_ATTR = "_petl_spm_transport"
 
 
-def load_spm(pipe, files, weights=None, transport: bool = True, official: bool = False, names=None):
+def load_spm(pipe, files, weights=None, transport: bool = True, official: bool = False, names=None,
+             weight_name: str | None = None, revision: str | None = None):
     """Load SPM membranes into `pipe` (a diffusers pipeline, or a bare UNet with transport=False).
 
-    files: a path (or official state dict), or a list of them; one membrane each.
+    files: a path (or official state dict), or a list of them; one membrane each. A path may be a
+        folder or a Hub repo id ``"user/repo"`` holding one SPM file (or `weight_name`; Hub `revision`).
     weights: None (1 each), a float for all, a list aligned with `files`, or {name: weight}.
     transport: Facilitated Transport inside `pipe(...)` calls (needs the pipeline's text encoder); a
         pipeline-wide switch for every loaded membrane (`set_transport` changes it later).
@@ -47,6 +49,7 @@ def load_spm(pipe, files, weights=None, transport: bool = True, official: bool =
     if not has_spm(unet):
         spm_method.SPM.check_host(unet)  # an unsupported UNet is refused before its files are compared with it
     sources = [files] if isinstance(files, (str, os.PathLike, dict)) else list(files)
+    sources = [resolve_spm_source(src, weight_name, revision) for src in sources]
     if not sources:
         raise ValueError("load_spm: no file given")
     names = [None] * len(sources) if names is None else [names] if isinstance(names, str) else list(names)

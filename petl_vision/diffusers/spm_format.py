@@ -5,6 +5,9 @@ Official format (the SPM authors' `save_weights`): safetensors with, per target 
 ``.lora_up.weight`` (out, r[, 1, 1]) and ``.alpha`` (a 0-dim tensor), and the metadata
 ``{"prompts": "<erased concept>[,<more>]", "rank": "1", "alpha": "1.0"}``. Files saved with
 `torch.save` (.pt / .ckpt / .bin, no metadata) load too (torch.load with weights_only=True).
+`load_spm` also takes a folder or a Hub repo id holding one such file (`resolve_spm_source`).
+Every file that cannot be read as SPM (garbage, truncated, foreign keys) raises AdapterFileError
+naming it.
 
 The diffusers LoRA export holds ``unet.<module path>.lora_A.weight`` = lora_down and
 ``unet.<module path>.lora_B.weight`` = lora_up scaled by weight * alpha / rank (so no alpha is
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -23,6 +27,8 @@ import safetensors
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..core.errors import AdapterFileError
+from ..core.hub import is_repo_id, resolve_dir, resolve_file
 from ..methods.spm import SPMModule, spm_module
 from ._plugin import pipeline_denoiser
 
@@ -52,10 +58,35 @@ def name_from_path(path: str | os.PathLike) -> str:
     return name or "spm"
 
 
+def resolve_spm_source(source, weight_name: str | None = None, revision: str | None = None):
+    """A local SPM file (or the state dict itself) for `source`.
+
+    source: a state dict, a file, a folder holding `weight_name` or exactly one SPM file
+        (.safetensors / .pt / .pth / .ckpt / .bin), or a Hub repo id ``"user/repo"`` holding the same
+        (through huggingface_hub: its cache, HF_HUB_OFFLINE and `revision` work; a local path wins).
+    """
+    if isinstance(source, dict):
+        return source
+    path = Path(source)
+    if not path.exists() and is_repo_id(str(source)):
+        if weight_name is not None:
+            return resolve_file(str(source), weight_name, revision)
+        path = resolve_dir(str(source), revision, allow_patterns=[f"*{s}" for s in (".safetensors", *TORCH_SUFFIXES)])
+    if not path.is_dir():
+        return path  # a file, or a missing path that read_spm reports
+    if weight_name is not None:
+        return resolve_file(path, weight_name)
+    found = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", *TORCH_SUFFIXES))
+    if len(found) != 1:
+        raise FileNotFoundError(f"load_spm: {source} holds {len(found)} SPM files {found[:5]}; name one with weight_name=")
+    return path / found[0]
+
+
 def read_spm(source, name: str | None = None) -> SPMFile:
     """Read an official SPM file (path) or an in-memory state dict of official keys.
 
-    Raises ValueError naming the file and the offending keys when the layout is not the official one.
+    Raises AdapterFileError naming the file (and the offending keys) when it cannot be read or its
+    layout is not the official one.
     """
     if isinstance(source, dict):
         tensors, metadata, label = dict(source), {}, "state dict"
@@ -64,35 +95,54 @@ def read_spm(source, name: str | None = None) -> SPMFile:
         label = str(path)
         if not path.is_file():
             raise FileNotFoundError(f"load_spm: no such file {path} (expected an SPM .safetensors file)")
-        if path.suffix in TORCH_SUFFIXES:
-            tensors, metadata = torch.load(path, map_location="cpu", weights_only=True), {}
-        else:
-            tensors = load_file(path)
-            with safetensors.safe_open(path, framework="pt") as f:
-                metadata = f.metadata() or {}
+        tensors, metadata = _read_file(path)
+    if not isinstance(tensors, dict):
+        raise AdapterFileError(f"{label}: holds a {type(tensors).__name__}, not a state dict of SPM tensors")
     layers: dict[str, dict[str, torch.Tensor]] = {}
     bad = []
     for key, tensor in tensors.items():
-        module, _, suffix = key.partition(".")
-        if not module.startswith("lora_unet_") or suffix not in SUFFIXES:
+        module, _, suffix = key.partition(".") if isinstance(key, str) else (key, "", "")
+        if not isinstance(key, str) or not module.startswith("lora_unet_") or suffix not in SUFFIXES:
             bad.append(key)
             continue
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise AdapterFileError(f"{label}: {key} is {type(tensor).__name__}, not a float tensor")
         layers.setdefault(module, {})[suffix] = tensor
     if bad:
-        raise ValueError(f"{label}: keys {bad[:5]} are not SPM keys (expected lora_unet_<path>.{{{', '.join(SUFFIXES)}}})")
+        raise AdapterFileError(f"{label}: keys {bad[:5]} are not SPM keys (expected lora_unet_<path>.{{{', '.join(SUFFIXES)}}})")
     if not layers:
-        raise ValueError(f"{label}: holds no SPM tensors")
+        raise AdapterFileError(f"{label}: holds no SPM tensors")
     ranks = set()
     for module, parts in layers.items():
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            raise ValueError(f"{label}: {module} lacks lora_down.weight or lora_up.weight")
-        rank = parts["lora_down.weight"].shape[0]
+            raise AdapterFileError(f"{label}: {module} lacks lora_down.weight or lora_up.weight")
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        alpha = parts.get("alpha", torch.tensor(1.0))
+        if down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != down.shape[0] or alpha.numel() != 1:
+            raise AdapterFileError(f"{label}: {module} has lora_down {list(down.shape)} and lora_up {list(up.shape)}; "
+                                   "expected (r, in[, kh, kw]) and (out, r[, 1, 1]) with a scalar alpha")
+        rank = down.shape[0]
         parts.setdefault("alpha", torch.tensor(float(rank)))  # the official loaders' default: no scaling
         ranks.add(rank)
     if len(ranks) != 1:
-        raise ValueError(f"{label}: membranes of ranks {sorted(ranks)} in one file")
+        raise AdapterFileError(f"{label}: membranes of ranks {sorted(ranks)} in one file")
     return SPMFile(name or (name_from_path(source) if not isinstance(source, dict) else "spm"), layers,
                    metadata.get("prompts", ""), ranks.pop(), metadata, label)
+
+
+def _read_file(path: Path) -> tuple[object, dict[str, str]]:
+    """(contents, safetensors metadata) of an SPM file; unreadable files raise AdapterFileError naming it."""
+    try:
+        if path.suffix in TORCH_SUFFIXES:
+            return torch.load(path, map_location="cpu", weights_only=True), {}
+        tensors = load_file(path)
+        with safetensors.safe_open(path, framework="pt") as f:
+            return tensors, f.metadata() or {}
+    except (safetensors.SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError,
+            AttributeError, ImportError, IndexError, KeyError, UnicodeDecodeError, OSError) as e:
+        kind = "torch" if path.suffix in TORCH_SUFFIXES else "safetensors"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdapterFileError(f"{path}: not a readable {kind} SPM file ({type(e).__name__}: {reason})") from None
 
 
 def membrane_state_dict(model, name: str | None = None) -> dict[str, torch.Tensor]:
