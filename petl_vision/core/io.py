@@ -158,7 +158,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, revision: str | N
     if host is not None:
         _check_host(model, host, source)
     saved = {k: list(v.shape) for k, v in tensors.items()}
-    expected = _dry_run(model, configs, tensors)
+    try:
+        expected = _dry_run(model, configs, tensors)
+    except (TypeError, ValueError) as e:  # UnsupportedHostError and the methods' own checks
+        raise AdapterMismatchError(f"{source}: the saved methods do not fit this model: {e}") from None
     if expected != saved:
         raise AdapterMismatchError(f"{source}: tensors do not fit the methods applied to this model: {_diff(expected, saved)}")
     for config in configs:
