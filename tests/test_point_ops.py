@@ -74,3 +74,40 @@ def test_edge_features_and_index_points():
     assert torch.allclose(f[b, :4, i, j], neighbour - x[b, :, i]) and torch.allclose(f[b, 4:, i, j], x[b, :, i])
     points = torch.arange(2 * 5 * 3.0).reshape(2, 5, 3)
     assert torch.equal(index_points(points, torch.tensor([[4, 0], [1, 1]])), torch.stack([points[0, [4, 0]], points[1, [1, 1]]]))
+
+
+def _kernel_fps(points: list, num: int, skip_below: float = 1e-3) -> list[int]:
+    """pointnet2_ops' furthest_point_sampling kernel, one point at a time (a sequential reading)."""
+    temp = [1e10] * len(points)
+    chosen, old = [0], 0
+    for _ in range(1, num):
+        best, besti = -1.0, 0
+        for k, (x, y, z) in enumerate(points):
+            if x * x + y * y + z * z <= skip_below:
+                continue
+            ox, oy, oz = points[old]
+            temp[k] = min((x - ox) ** 2 + (y - oy) ** 2 + (z - oz) ** 2, temp[k])
+            if temp[k] > best:
+                best, besti = temp[k], k
+        chosen.append(besti)
+        old = besti
+    return chosen
+
+
+def test_fps_skips_points_at_the_centroid_like_pointnet2_ops():
+    g = torch.Generator().manual_seed(0)
+    cloud = torch.randn(1, 40, 3, generator=g)
+    cloud[0, 5:12] *= 0.01  # |p|^2 <= 1e-3: never picked by the kernel
+    cloud[0, 7] = torch.tensor([0.0, 0.0, 2.5])  # except it would be the farthest point without the skip
+    cloud[0, 7] *= 0.001
+    cloud[0, 3] = torch.tensor([0.0, 0.0, 0.03])  # |p|^2 = 9e-4, would be picked early without the skip
+    expected = _kernel_fps(cloud[0].tolist(), 25)
+    got = farthest_point_sample(cloud, 25)[0].tolist()
+    assert got == expected
+    assert not set(got[1:]) & {3, *range(5, 12)}
+    assert farthest_point_sample(cloud, 25, skip_below=None)[0].tolist() != got  # the old behaviour differs
+
+
+def test_fps_all_points_skipped_picks_point_zero_again():
+    cloud = torch.full((1, 6, 3), 0.001)
+    assert farthest_point_sample(cloud, 4)[0].tolist() == [0, 0, 0, 0]

@@ -8,11 +8,13 @@ from __future__ import annotations
 import torch
 
 
-def farthest_point_sample(xyz: torch.Tensor, num: int) -> torch.Tensor:
+def farthest_point_sample(xyz: torch.Tensor, num: int, skip_below: float | None = 1e-3) -> torch.Tensor:
     """Indices (B, num) of farthest point sampling on xyz (B, N, 3), starting at point 0.
 
     Each step picks the point whose distance to the already chosen set is largest (ties: the lowest
-    index), as pointnet2_ops' furthest_point_sample does.
+    index), as pointnet2_ops' furthest_point_sample does. Like that kernel, points with
+    |p|^2 <= skip_below are never picked after the first (clouds are centred, so these are points at
+    the centroid); when no other point remains, point 0 is picked again. skip_below=None keeps every point.
     """
     batch, n, _ = xyz.shape
     if not 0 < num <= n:
@@ -20,13 +22,15 @@ def farthest_point_sample(xyz: torch.Tensor, num: int) -> torch.Tensor:
     xyz = xyz.float()
     idx = torch.zeros(batch, num, dtype=torch.long, device=xyz.device)
     dist = torch.full((batch, n), float("inf"), device=xyz.device)
+    skipped = xyz.square().sum(-1) <= skip_below if skip_below is not None else torch.zeros(batch, n, dtype=torch.bool, device=xyz.device)
     farthest = torch.zeros(batch, dtype=torch.long, device=xyz.device)
     rows = torch.arange(batch, device=xyz.device)
     for i in range(num):
         idx[:, i] = farthest
         centroid = xyz[rows, farthest].unsqueeze(1)  # (B, 1, 3)
         dist = torch.minimum(dist, (xyz - centroid).square().sum(-1))
-        farthest = dist.argmax(-1)
+        candidates = dist.masked_fill(skipped, -1.0)  # the kernel's best starts at -1 with index 0
+        farthest = torch.where(candidates.amax(-1) >= 0, candidates.argmax(-1), 0)
     return idx
 
 
