@@ -258,8 +258,8 @@ EXPECTED = {
     },
     "sd15_sara.yaml": {  # METHODS.md SaRA official recipe: SD 1.5, 512 px, batch 4, 5005 steps, cosine
         "model": "runwayml/stable-diffusion-v1-5", "method.name": "sara", "method.overrides.threshold": 2e-3,
-        "method.overrides.rank_weight": 5e-4, "method.overrides.progressive_fraction": 0.5,
-        "resolution": 512, "batch_size": 4, "max_steps": 5005, "lr": None, "lr_scheduler": "cosine",
+        "method.overrides.rank_weight": 5e-4, "method.overrides.progressive_step": 2500,
+        "max_grad_norm": 0.0, "resolution": 512, "batch_size": 4, "max_steps": 5005, "lr": None, "lr_scheduler": "cosine",
         "warmup_steps": 0, "weight_decay": 1e-2,
     },
     "vtab_cifar100_ssf.yaml": {
