@@ -10,11 +10,16 @@ operations, so the backbone's activations are freed as its forward goes, exactly
   L + 1 hidden states of shape (B, N, D), N = prefix tokens + patch tokens;
 - capture the input of the host's classifier head (B, D): the pooled, normed final feature
   (UniPT's "raw anchor");
-- replace the model's output with the side network's logits (root forward hook).
+- run the side network in a forward hook of the host's head (the last module of the forward, so
+  that under `torch.compile(model)` it is part of the model's graph), and replace the model's
+  output with its logits (root forward hook, which does no tensor work).
 
 The host's own classifier head still runs but its output is discarded; it stays frozen and is not
 part of the trainable set (each side network has its own head, initialised as a copy of the host's,
 see `make_head`).
+
+Under autocast the hidden states (the host's fp32 residual stream) are cast to the autocast dtype
+at use (`autocast_input`), as autocast would cast them for the side network's first matmul.
 
 `side_features(model, images)` runs only the backbone and returns what the side network reads, and
 `side_forward_from_cache(model, features)` runs only the side network: the feature cache uses them.
@@ -43,6 +48,14 @@ def pool_kind(model: nn.Module, host: TokenHost) -> str:
         if isinstance(pool, str):
             return "token" if pool in ("token", "tok") else "avg"
     return "token" if host.num_prefix_tokens > 0 else "avg"
+
+
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype of its device when autocast is on (and x is floating), else x."""
+    device = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
 
 
 def pool_tokens(x: torch.Tensor, kind: str, num_prefix_tokens: int) -> torch.Tensor:
@@ -120,6 +133,7 @@ class SideNetwork(nn.Module):
         self._captured: list[torch.Tensor] = []
         self._pooled: torch.Tensor | None = None
         self._last: dict | None = None
+        self._logits: torch.Tensor | None = None  # the side network's output of the forward in progress
         self._backbone_params: list[nn.Parameter] = []
         self._warned: set[str] = set()
 
@@ -140,20 +154,23 @@ class SideNetwork(nn.Module):
         heads = classifier_modules(model)
         if heads:
             heads[0].register_forward_pre_hook(self._capture_pooled)
+            heads[0].register_forward_hook(self._run_side)
         model.register_forward_hook(self._replace_output)
 
     # ------------------------------------------------------------------ hooks
     def _before_model(self, model: nn.Module, args: tuple, kwargs: dict):
-        self._captured, self._pooled = [], None
-        if not self.enabled:
+        self._captured, self._pooled, self._logits = [], None, None
+        if not self.enabled or not torch.is_grad_enabled():
             return None
-        if torch.is_grad_enabled():
-            for p in self._backbone_params:
-                if p.requires_grad:
-                    raise RuntimeError(
-                        f"method {self.method!r}: a backbone parameter of shape {tuple(p.shape)} requires grad; the side "
-                        "network keeps the backbone frozen (set requires_grad=False, or use a method that trains the backbone)"
-                    )
+        for p in self._backbone_params:
+            if p.requires_grad:
+                raise RuntimeError(
+                    f"method {self.method!r}: a backbone parameter of shape {tuple(p.shape)} requires grad; the side "
+                    "network keeps the backbone frozen (set requires_grad=False, or use a method that trains the backbone)"
+                )
+        grad = lambda v: isinstance(v, torch.Tensor) and v.requires_grad  # noqa: E731
+        if not any(map(grad, (*args, *kwargs.values()))):
+            return None  # nothing to detach: no tensor work here, so no graph of its own under torch.compile
         detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
         return tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()}
 
@@ -169,16 +186,27 @@ class SideNetwork(nn.Module):
         if self.enabled:
             self._pooled = args[0].detach()
 
+    def _run_side(self, head: nn.Module, args: tuple, output) -> None:
+        """Head hook: every hidden state and the pooled feature are captured; run the side network."""
+        if not self.enabled or self._capture_only or not self._captured:
+            return
+        hidden, pooled = self._captured, self._pooled
+        self._captured, self._pooled = [], None
+        self.before_training_forward()
+        self._logits = self(hidden, pooled)
+
     def _replace_output(self, model: nn.Module, args: tuple, output):
         if not self.enabled:
             return None
-        hidden, pooled = self._captured, self._pooled
-        self._captured, self._pooled = [], None
+        logits, hidden, pooled = self._logits, self._captured, self._pooled
+        self._logits, self._captured, self._pooled = None, [], None
         if self._capture_only:
             self._last = {"hidden": hidden, "pooled": pooled}
             return None
-        self.before_training_forward()
-        return self(hidden, pooled)
+        if logits is None:  # the head did not run after the blocks: run the side network here
+            self.before_training_forward()
+            logits = self(hidden, pooled)
+        return logits
 
     def before_training_forward(self) -> None:
         """Called before each side forward through the model; subclasses may warn here."""

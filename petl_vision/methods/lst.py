@@ -138,9 +138,10 @@ class LSTSide(SideNetwork):
     def forward(self, hidden: list[torch.Tensor], pooled: torch.Tensor | None = None) -> torch.Tensor:
         """hidden: L + 1 tensors (B, N, D) -> logits (B, num_classes)."""
         h = self.ladders[0](hidden[0])
+        gates = torch.sigmoid(self.gates / self.temperature).to(h.dtype)  # cast at use: h stays in the autocast dtype
         for j, layer in enumerate(self.layers):
-            g = torch.sigmoid(self.gates[j] / self.temperature)
-            h = g * h + (1 - g) * self.ladders[j + 1](hidden[layer + 1])
+            g = gates[j]
+            h = torch.lerp(self.ladders[j + 1](hidden[layer + 1]), h, g)  # g * h + (1 - g) * ladder
             h = self.blocks[j](h)
         h = pool_tokens(self.norm(h), self.pool, self.num_prefix_tokens)
         return self.head(self.upsample(h))

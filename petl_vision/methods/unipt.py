@@ -32,7 +32,7 @@ from torch import nn
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state
 from ..hosts import TokenHost
-from ._side import SideNetwork, check_side_host, make_head, pool_kind, pool_tokens
+from ._side import SideNetwork, autocast_input, check_side_host, make_head, pool_kind, pool_tokens
 
 
 @dataclasses.dataclass
@@ -86,10 +86,10 @@ class UniPTSide(SideNetwork):
         """hidden: L + 1 tensors (B, N, D); pooled: (B, D_anchor) raw anchor -> logits (B, C)."""
         if pooled is None:
             raise ValueError("unipt: no raw anchor (the host's classifier-head input) was captured")
-        anchor = self.anchor(pooled)  # (B, d)
+        anchor = self.anchor(autocast_input(pooled))  # (B, d); ReLU commutes with the cast
         merged, confidence = [], []
         for layer, t in zip(self.layers, hidden):
-            x = layer(t)  # (B, N, d)
+            x = layer(autocast_input(t))  # (B, N, d)
             attn = l1norm(torch.relu(torch.einsum("bd,bnd->bn", anchor, x)), dim=-1, eps=self.eps)
             merged.append(torch.einsum("bn,bnd->bd", attn, x) + pool_tokens(x, self.pool, self.num_prefix_tokens))
             confidence.append(self.gate(anchor * x.mean(dim=1)))  # (B, 1)
