@@ -27,7 +27,9 @@ import re
 
 import open_clip.transformer as open_clip_layers
 import torch
+import torch.nn.functional as F
 from timm.layers import LayerNorm, LayerNorm2d
+from timm.layers.fast_norm import fast_layer_norm
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -97,30 +99,96 @@ def _num_channels(module: nn.Module) -> int | None:
     return module.num_features if module.affine else None
 
 
-class ScaleShift(torch.autograd.Function):
-    """y = x * scale + shift that saves y, not x, for backward: x = (y - shift) / scale.
+def _channel_view(ndim: int, dim: int) -> tuple[int, ...]:
+    """Shape that broadcasts a (C,) vector along channel dim `dim` of an ndim-d tensor."""
+    dim = dim % ndim
+    return (1,) * dim + (-1,) + (1,) * (ndim - dim - 1)
 
-    x: (..., C); scale, shift: (C,). Scales are N(1, 0.02) at init and never near zero in practice.
+
+class ScaleShift(torch.autograd.Function):
+    """z = y * scale + shift per channel, computed and returned in y's dtype.
+
+    y: (..., C) for dim=-1, (N, C, ...) for dim=1; scale, shift: (C,) master parameters (fp32 under
+    autocast), cast to y's dtype at use as autocast casts a matmul's weight; their gradients come
+    back in their own dtype, reduced in fp32.
+
+    keep_output=True saves z only: the next layer usually keeps z itself (attention keeps q, k, v;
+    the MLP's activation keeps its input), so SSF then adds no activation memory of its own, and
+    the scale's gradient is recovered from z: sum(g * y) = (sum(g * z) - shift * sum(g)) / scale.
+    A channel whose scale is exactly 0 has lost y: its scale gets a zero gradient there (use
+    save_output=False for autograd's). keep_output=False saves y (needed where the next op may
+    overwrite z in place).
     """
 
     @staticmethod
-    def forward(ctx, x, scale, shift):
-        y = torch.addcmul(shift, x, scale)
-        ctx.save_for_backward(y, scale, shift)
-        return y
+    def forward(ctx, y, scale, shift, dim: int = -1, keep_output: bool = True):
+        view = _channel_view(y.ndim, dim)
+        z = torch.addcmul(shift.to(y.dtype).view(view), y, scale.to(y.dtype).view(view))
+        ctx.dim, ctx.keep_output = dim, keep_output
+        ctx.save_for_backward(z if keep_output else y, scale, shift)
+        return z
 
     @staticmethod
     def backward(ctx, grad):
-        y, scale, shift = ctx.saved_tensors
-        x = (y - shift) / scale
-        reduce = tuple(range(grad.ndim - 1))
-        return grad * scale, (grad * x).sum(reduce), grad.sum(reduce)
+        saved, scale, shift = ctx.saved_tensors
+        view = _channel_view(grad.ndim, ctx.dim)
+        reduce = tuple(d for d in range(grad.ndim) if d != ctx.dim % grad.ndim)
+        grad_y = grad_scale = grad_shift = None
+        if ctx.needs_input_grad[0]:
+            grad_y = grad * scale.to(grad.dtype).view(view)
+        if ctx.needs_input_grad[1]:
+            grad_scale = torch.sum(grad * saved, reduce, dtype=torch.float32)
+        if ctx.needs_input_grad[2] or (ctx.needs_input_grad[1] and ctx.keep_output):
+            grad_shift = torch.sum(grad, reduce, dtype=torch.float32)
+        if grad_scale is not None and ctx.keep_output:
+            grad_scale = torch.where(scale != 0, (grad_scale - shift * grad_shift) / scale, 0.0)
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(scale.dtype)
+        if grad_shift is not None:
+            grad_shift = grad_shift.to(shift.dtype) if ctx.needs_input_grad[2] else None
+        return grad_y, grad_scale, grad_shift, None, None
+
+
+def _norm_with_affine(norm: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` with `weight` and `bias` in place of the norm's own affine (the norm types of `_CHANNEL_DIM`)."""
+    kind = type(norm)
+    if kind is nn.GroupNorm:
+        return F.group_norm(x, norm.num_groups, weight, bias, norm.eps)
+    if isinstance(norm, nn.modules.batchnorm._NormBase):
+        momentum = norm.momentum if norm.momentum is not None else 0.0
+        if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+            norm.num_batches_tracked.add_(1)
+            if norm.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(norm.num_batches_tracked)
+        batch_stats = norm.training or norm.running_mean is None
+        stats = (norm.running_mean, norm.running_var) if not norm.training or norm.track_running_stats else (None, None)
+        return F.batch_norm(x, *stats, weight, bias, batch_stats, momentum, norm.eps)
+    layer_norm = fast_layer_norm if getattr(norm, "_fast_norm", False) else F.layer_norm
+    if kind is LayerNorm2d:
+        return layer_norm(x.permute(0, 2, 3, 1), norm.normalized_shape, weight, bias, norm.eps).permute(0, 3, 1, 2)
+    if kind is open_clip_layers.LayerNormFp32:
+        return F.layer_norm(x.float(), norm.normalized_shape, weight, bias, norm.eps).to(x.dtype)
+    out = layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+    return out.to(x.dtype) if kind is open_clip_layers.LayerNorm else out
 
 
 class SSFLayer(WrapperLayer):
     """`base` followed by a per-channel scale and shift.
 
     Output of base: (..., C) when channel_dim is -1, (N, C, ...) when it is 1.
+
+    How the affine runs, chosen per layer type by what autograd must keep for backward and the
+    work it adds (bf16 autocast, ViT-B/16-shaped ViT; `petl_vision.bench.footprint`):
+
+    - after a norm: folded into the norm's own affine, ``norm(x; w * s, b * s + t)``. The norm
+      keeps its input and statistics anyway and its backward already computes the affine's
+      gradients, so SSF adds no saved activation and only a few C-sized ops;
+    - after a linear or a convolution: an elementwise ``y * s + t`` in y's dtype (`ScaleShift`),
+      keeping z (channels-last, `save_output`) or y. Folding into the layer instead
+      (``W' = diag(s) W``) would make the frozen layer keep its input and run a weight-gradient
+      matmul in backward, full fine-tuning's cost for that layer; the elementwise form keeps one
+      activation (none where the next op keeps z: q/k/v for attention, the MLP activation's input)
+      and adds memory-bound elementwise kernels only.
     """
 
     def __init__(self, base: nn.Module, num_channels: int, channel_dim: int, init_std: float = 0.02, save_output: bool = True):
@@ -128,17 +196,20 @@ class SSFLayer(WrapperLayer):
         ref = next(base.parameters())
         self.channel_dim = channel_dim
         self.save_output = save_output and channel_dim == -1
+        self.fold_into_norm = not isinstance(base, (nn.Linear, nn.modules.conv._ConvNd))
         self.scale = nn.Parameter(torch.empty(num_channels, device=ref.device, dtype=ref.dtype).normal_(1.0, init_std))
         self.shift = nn.Parameter(torch.empty(num_channels, device=ref.device, dtype=ref.dtype).normal_(0.0, init_std))
 
     def forward(self, *args, **kwargs):
+        if self.fold_into_norm:
+            base, scale, shift = self.base, self.scale, self.shift
+            bias = shift if base.bias is None else torch.addcmul(shift, base.bias, scale)
+            return _norm_with_affine(base, args[0], base.weight * scale, bias)
         y = self.base(*args, **kwargs)
-        if self.channel_dim == 1 and y.ndim > 2:
-            shape = (1, -1) + (1,) * (y.ndim - 2)
-            return y * self.scale.view(shape) + self.shift.view(shape)
-        if self.save_output and torch.is_grad_enabled() and y.dtype == self.scale.dtype:
-            return ScaleShift.apply(y, self.scale, self.shift)
-        return y * self.scale + self.shift
+        if torch.is_grad_enabled() and (y.requires_grad or self.scale.requires_grad or self.shift.requires_grad):
+            return ScaleShift.apply(y, self.scale, self.shift, self.channel_dim, self.save_output)
+        view = _channel_view(y.ndim, self.channel_dim)
+        return torch.addcmul(self.shift.to(y.dtype).view(view), y, self.scale.to(y.dtype).view(view))
 
     @torch.no_grad()
     def merged(self, fold_shift=None) -> nn.Module:
