@@ -193,3 +193,12 @@ def test_base_model_of_diffusers_and_given_names(tmp_path):
     card = (tmp_path / "a" / "README.md").read_text()
     assert "base_model: org/my-vit" in card and "org/my-vit" in (tmp_path / "a" / "petl_adapter.json").read_text()
     assert meta[1]["class"] == "timm.models.vision_transformer.VisionTransformer"
+
+
+def test_hub_arguments_without_a_repo_are_refused(saved, tmp_path):
+    model, _ = saved
+    with pytest.raises(TypeError, match=r"save_adapter: unexpected argument\(s\) \['private'\]; with push_to_hub="):
+        pv.save_adapter(model, tmp_path / "c", private=True)
+    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['privat'\]"):
+        pv.save_adapter(model, tmp_path / "c", push_to_hub="user/x", privat=True)
+    assert not (tmp_path / "c").exists()

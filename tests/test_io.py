@@ -152,6 +152,9 @@ def test_foreign_and_garbage_files(saved, tmp_path):
     path.write_bytes(b"\x00garbage" * 4)
     with pytest.raises(pv.AdapterFileError, match="adapter.safetensors: not a readable safetensors file"):
         pv.load_adapter(make_host("vit"), directory)
+    (tmp_path / "model.pt").write_bytes(b"x")
+    with pytest.raises(pv.AdapterFileError, match="model.pt: not an adapter file"):
+        pv.load_adapter(make_host("vit"), tmp_path / "model.pt")
     # a safetensors file with no petl_vision metadata and no adapter_config.json beside it
     safetensors.torch.save_file({"w": torch.zeros(2)}, path)
     with pytest.raises(FileNotFoundError, match="adapter_config.json: no such file"):

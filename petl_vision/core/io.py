@@ -56,8 +56,9 @@ LEGACY_CONFIG_NAME = "adapter_config.json"  # format 1; peft's config has this n
 CARD_NAME = "README.md"
 FORMAT_VERSION = 2
 HEADER_KEY = "petl_vision"
-_HUB_FILES = [WEIGHTS_NAME, CONFIG_NAME, LEGACY_CONFIG_NAME, peft_format.PEFT_WEIGHTS_NAME, CARD_NAME]
+_HUB_FILES = [WEIGHTS_NAME, LEGACY_CONFIG_NAME, peft_format.PEFT_WEIGHTS_NAME]  # what load_adapter reads
 _STALE_TMP_SECONDS = 3600
+_HUB_KWARGS = {"revision", "private", "token", "commit_message", "create_pr"}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -90,6 +91,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, metrics: dic
         push_to_hub: a Hub repo id to upload the folder to afterwards (see `push_to_hub`);
             `hub_kwargs` (revision, private, token, commit_message, create_pr) go with it.
     """
+    unknown = sorted(set(hub_kwargs) - _HUB_KWARGS)
+    if unknown or (hub_kwargs and not push_to_hub):
+        raise TypeError(f"save_adapter: unexpected argument(s) {unknown or sorted(hub_kwargs)}; "
+                        f"with push_to_hub='namespace/name' it takes {sorted(_HUB_KWARGS)}")
     directory = Path(directory)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
     state = get_state(model)
@@ -177,8 +182,10 @@ def read_adapter(path: Path):
     """(method configs, host record or None, tensors, file to name in errors) of an adapter file or
     folder, every field checked; nothing is applied."""
     if path.is_file():
-        if path.suffix != ".safetensors":
+        if path.suffix == ".json":
             path = path.parent  # petl_adapter.json / adapter_config.json: their folder
+        elif path.suffix != ".safetensors":
+            raise AdapterFileError(f"{path}: not an adapter file (expected {WEIGHTS_NAME} or the folder holding it)")
         else:
             meta, tensors = _read_safetensors(path)
             if meta is not None:
@@ -244,7 +251,7 @@ def atomic_write(path: Path, write) -> None:
 def _remove_stale_tmp(directory: Path) -> None:
     """Temporary files of writers killed more than an hour ago."""
     now = time.time()
-    for tmp in directory.glob(".*.tmp"):
+    for tmp in directory.glob(".*.*-*-*.tmp"):  # atomic_write's names
         with contextlib.suppress(OSError):
             if now - tmp.stat().st_mtime > _STALE_TMP_SECONDS:
                 tmp.unlink()

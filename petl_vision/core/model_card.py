@@ -15,9 +15,12 @@ def base_model_info(model: nn.Module) -> dict | None:
     open_clip: ``pretrained_cfg`` / ``name`` when the loader recorded them.
     """
     cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("architecture"):
-        library = "timm" if type(model).__module__.startswith("timm.") else "open_clip" if "open_clip" in type(model).__module__ else "timm"
-        return _clean({"library": library, "name": cfg.get("architecture"), "tag": cfg.get("tag"), "hf_hub_id": cfg.get("hf_hub_id")})
+    library = "open_clip" if "open_clip" in type(model).__module__ else "timm"
+    if isinstance(cfg, dict) and cfg.get("architecture"):  # timm; an open_clip loader may record the same keys
+        return _clean({"library": library, "name": cfg.get("architecture"), "tag": cfg.get("tag"),
+                       "hf_hub_id": cfg.get("hf_hub_id") or (cfg.get("hf_hub") or "").strip("/")})
+    if isinstance(cfg, dict) and library == "open_clip" and cfg.get("hf_hub"):  # open_clip's own pretrained config
+        return _clean({"library": library, "name": cfg["hf_hub"].strip("/"), "hf_hub_id": cfg["hf_hub"].strip("/")})
     config = getattr(model, "config", None)
     name = getattr(config, "_name_or_path", None) or (config.get("_name_or_path") if isinstance(config, dict) else None)
     if isinstance(name, str) and name:
