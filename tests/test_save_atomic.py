@@ -90,23 +90,22 @@ def test_interruption_at_every_step_leaves_old_or_new(models, tmp_path, monkeypa
         assert which(directory, models) == "new"
 
 
-def _save_forever(directory, seed):
-    """Child process: alternate saving two adapters into `directory` until killed."""
-    old = perturb_trainable(pv.apply(make_host("vit"), "lora"), seed=1)
-    new = perturb_trainable(pv.apply(make_host("vit"), "lora"), seed=2)
+def _save_forever(directory, old, new, seed):
+    """Child process (forked: the models are the parent's): alternate saving two adapters until killed."""
+    torch.set_num_threads(1)
     for i in range(10**6):
         pv.save_adapter(new if (i + seed) % 2 else old, directory)
 
 
 def test_kill_9_at_random_points(models, tmp_path):
-    old, *_ = models
+    old, new, *_ = models
     directory = tmp_path / "killed"
     pv.save_adapter(old, directory)
     context = multiprocessing.get_context("fork")
     rng = random.Random(0)
     seen = set()
     for iteration in range(6):
-        child = context.Process(target=_save_forever, args=(directory, iteration))
+        child = context.Process(target=_save_forever, args=(directory, old, new, iteration))
         child.start()
         time.sleep(rng.uniform(0.05, 0.6))
         os.kill(child.pid, signal.SIGKILL)
@@ -139,21 +138,21 @@ def test_concurrent_saves_from_threads(models, tmp_path):
     assert not list((tmp_path / "shared").glob(".*.tmp"))
 
 
-def _save_n(directory, use_new, n, failures):
-    old = perturb_trainable(pv.apply(make_host("vit"), "lora"), seed=1)
-    new = perturb_trainable(pv.apply(make_host("vit"), "lora"), seed=2)
+def _save_n(directory, model, n, failures):
+    torch.set_num_threads(1)
     try:
         for _ in range(n):
-            pv.save_adapter(new if use_new else old, directory)
+            pv.save_adapter(model, directory)
     except BaseException:  # noqa: BLE001
         failures.value += 1
         raise
 
 
 def test_concurrent_saves_from_processes(models, tmp_path):
+    old, new, *_ = models
     context = multiprocessing.get_context("fork")
     failures = context.Value("i", 0)
-    procs = [context.Process(target=_save_n, args=(tmp_path / "shared", i % 2, 3, failures)) for i in range(4)]
+    procs = [context.Process(target=_save_n, args=(tmp_path / "shared", (old, new)[i % 2], 3, failures)) for i in range(4)]
     for p in procs:
         p.start()
     for p in procs:
