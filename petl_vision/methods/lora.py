@@ -9,12 +9,18 @@ puts the base layers back, leaving a plain host model. The `qkv` of timm's Beit,
 attentions, which they read as ``F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias))``, is adapted
 by switching those attentions to their ``qkv_bias_separate`` path (call qkv, then add the bias) until
 the merge.
+
+Under autocast each LoRA layer's input is cast once to the autocast dtype before the layer
+(`_input_in_autocast_dtype`) and peft's own cast of it to the LoRA weights' dtype (fp32) is off, so
+the base layer and `lora_A` read one bf16 tensor: autocast would otherwise cast the input for each,
+and peft's fp32 copy made `lora_A` keep a bf16 copy of its own for backward.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
 
+import torch
 from torch import nn
 
 from ..core.errors import UnsupportedHostError
@@ -89,6 +95,20 @@ def _targets(model: nn.Module, include_conv: bool | None = None, pattern: str | 
     return [name for name, _ in select_targets(model, accept, pattern)]
 
 
+def _input_in_autocast_dtype(module: nn.Module, args: tuple):
+    """Forward pre-hook of a LoRA layer: under autocast, its input (B, ..., C) in the autocast dtype.
+
+    Autocast casts a linear's or conv's input anyway; done once here, the base layer and lora_A
+    share that tensor (lora_A keeps it for backward; full fine-tuning keeps the same one).
+    """
+    x = args[0] if args else None
+    if torch.is_tensor(x) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        if x.dtype != dtype:
+            return (x.to(dtype),) + args[1:]
+    return None
+
+
 @register_method
 class LoRA(Method):
     name = "lora"
@@ -120,6 +140,10 @@ class LoRA(Method):
         exact = "^(" + "|".join(map(re.escape, names)) + ")$"  # a list would also match name suffixes
         peft_config = PeftLoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=exact)
         inject_adapter_in_model(peft_config, model)
+        for name in names:
+            layer = model.get_submodule(name)
+            layer.cast_input_dtype_enabled = False  # peft's cast of the input to the fp32 LoRA weights' dtype
+            layer.register_forward_pre_hook(_input_in_autocast_dtype)
         for attn in switch:  # the LoRA layer must be called: F.linear(x, qkv.weight, ...) would skip it
             attn.qkv_bias_separate = True
             setattr(attn, _SWITCHED, True)
