@@ -125,6 +125,9 @@ class FakeApi:
     def create_repo(self, repo_id, private=None, exist_ok=False):
         FakeApi.calls.append(("create_repo", repo_id, private, exist_ok))
 
+    def create_branch(self, repo_id, branch, exist_ok=False):
+        FakeApi.calls.append(("create_branch", repo_id, branch, exist_ok))
+
     def upload_folder(self, *, repo_id, folder_path, **kwargs):
         files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir() if p.is_file()}
         FakeApi.calls.append(("upload_folder", repo_id, files, kwargs))
@@ -142,8 +145,9 @@ def test_push_to_hub(fake_api, tmp_path, offline_cache):
     model = perturb_trainable(pv.apply(make_host("vit"), "lora")).eval()
     url = pv.push_to_hub(model, "user/lora-vit", metrics={"val_acc": 0.5}, private=True, revision="dev", token="t")
     assert url == f"https://huggingface.co/user/lora-vit/commit/{SHA}"
-    (_, repo, private, exist_ok), (_, repo2, files, kwargs) = fake_api.calls
+    (_, repo, private, exist_ok), branch, (_, repo2, files, kwargs) = fake_api.calls
     assert (repo, private, exist_ok, repo2) == ("user/lora-vit", True, True, "user/lora-vit")
+    assert branch == ("create_branch", "user/lora-vit", "dev", True)
     assert sorted(files) == ["README.md", "adapter.safetensors", "adapter_config.json", "adapter_model.safetensors", "petl_adapter.json"]
     assert kwargs["revision"] == "dev" and kwargs["ignore_patterns"] == [".*"]
     card = files["README.md"].decode()

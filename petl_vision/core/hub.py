@@ -82,6 +82,8 @@ def upload_folder(directory: str | os.PathLike, repo_id: str, *, revision: str |
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None:  # uploading to a branch needs the branch
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
     info = api.upload_folder(repo_id=repo_id, folder_path=str(directory), revision=revision,
                              commit_message=commit_message or "Upload petl_vision adapter", create_pr=create_pr,
                              ignore_patterns=ignore_patterns)
