@@ -32,7 +32,7 @@ from petl_vision.data.build import image_folders
 from petl_vision.methods import mask_tuning
 
 from .config import ConfigError, TrainConfig, apply_section_override, build_section, from_dict, read_yaml
-from .trainer import train
+from .trainer import start_classifier_run, train
 
 
 @dataclass
@@ -98,11 +98,14 @@ def build_fewshot_data(data: CLIPDataConfig):
     return train_full, eval_ds, names
 
 
-def train_clip(cfg: CLIPTrainConfig, resume: str | Path | bool | None = None, stop_after_epoch: int | None = None) -> dict:
+def train_clip(cfg: CLIPTrainConfig, resume: str | Path | bool | None = None, stop_after_epoch: int | None = None,
+               overwrite: bool = False) -> dict:
     """Few-shot tuning of cfg.train.method on a CLIP classifier; returns a result dict.
 
-    resume: a checkpoint dir, an output dir (its latest checkpoint), or True for the output_dir.
+    resume: a checkpoint dir, an output dir (its latest complete checkpoint), or True for the output_dir.
     stop_after_epoch: stop (as if interrupted) after that epoch's checkpoint; for tests.
+    overwrite: replace the run output_dir holds; else an output_dir holding another run raises
+        FileExistsError (checked before anything is built).
 
     Result keys: those of `petl_vision.train.trainer.train`, plus zero_shot (metrics of the untuned
     classifier) and masked_fraction (mask tuning only, else None).
@@ -111,6 +114,8 @@ def train_clip(cfg: CLIPTrainConfig, resume: str | Path | bool | None = None, st
     if tc.grad_accum_steps != 1:
         raise ConfigError(f"grad_accum_steps={tc.grad_accum_steps}: the CLIP trainer steps on every batch (use 1)")
     say = PartialState().print  # the main process only
+    record = {"data": dataclasses.asdict(cfg.data), "clip": dataclasses.asdict(cfg.clip)}
+    start_classifier_run(tc, resume, overwrite, record)  # fail before building: the folder, the checkpoint
     set_seed(tc.seed)
     train_full, eval_ds, names = build_fewshot_data(cfg.data)
     model = build_clip_classifier(cfg, names)
@@ -118,9 +123,8 @@ def train_clip(cfg: CLIPTrainConfig, resume: str | Path | bool | None = None, st
     train_ds = few_shot(train_full, cfg.data.shots, cfg.data.seed)
     say(f"{len(names)} classes, {len(train_ds)} training images ({cfg.data.shots} shots), {len(eval_ds)} eval images")
 
-    record = {"data": dataclasses.asdict(cfg.data), "clip": dataclasses.asdict(cfg.clip)}
     result = train(tc, resume, stop_after_epoch, model=model, data=(train_ds, eval_ds, len(names)),
-                   baseline="zero-shot", config_record=record)
+                   baseline="zero-shot", config_record=record, overwrite=overwrite)
     tuned = result["model"]
     masked = mask_tuning.masked_fraction(tuned) if mask_tuning.applied_config(tuned) is not None else None
     note = f", masked off {100 * masked:.2f}% of the masked weights" if masked is not None else ""

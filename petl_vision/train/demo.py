@@ -12,7 +12,7 @@ from pathlib import Path
 from accelerate import PartialState
 
 from .config import load_config
-from .trainer import train
+from .trainer import start_classifier_run, train
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_digits.yaml"
 
@@ -25,21 +25,30 @@ VARIANTS = [
 ]
 
 
-def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[str, ...] = (), config=DEMO_CONFIG) -> list[dict]:
+def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[str, ...] = (), config=DEMO_CONFIG,
+             resume=None, overwrite: bool = False) -> list[dict]:
     """Run the three variants; print and return rows (name, method, trainable, total, top1, seconds).
 
     `overrides` (key=value) apply to every variant, e.g. `epochs=1`; they cannot turn the scratch
     run into a pretrained one or change the linear / scratch runs' method.
+    resume: refused (ValueError): the demo always trains from the start; resume a run of a config.
+    overwrite: replace the runs of an earlier demo in `output_dir` (else FileExistsError, before training).
     """
+    if resume:
+        raise ValueError("--resume needs --config: the demo (no --config) always trains its three runs from the start; "
+                         "pass --overwrite to run it again into the same folder")
     if not Path(config).is_file():
         raise FileNotFoundError(f"demo config not found: {config} (expected configs/demo_digits.yaml in the repository)")
     rows, say = [], PartialState().print  # prints on the main process only
-    for sub, recipe, identity in VARIANTS:
-        cfg = load_config(config, [*recipe, f"output_dir={Path(output_dir) / sub}", *overrides, *identity])
+    configs = [load_config(config, [*recipe, f"output_dir={Path(output_dir) / sub}", *overrides, *identity])
+               for sub, recipe, identity in VARIANTS]
+    for cfg in configs:  # refuse a folder holding other runs before the first variant trains
+        start_classifier_run(cfg, overwrite=overwrite)
+    for cfg in configs:
         label = f"{cfg.method.name}, {'pretrained' if cfg.pretrained else 'from scratch'}"
         say(f"\n== {label}: {cfg.epochs} epochs, lr {cfg.optim.lr:g} ==")
         start = time.perf_counter()
-        result = train(cfg)
+        result = train(cfg, overwrite=overwrite)
         rows.append(
             {
                 "name": label,

@@ -26,7 +26,7 @@ from petl_vision.data.pointcloud import AUGMENTATIONS, build_point_datasets
 
 from .config import ConfigError, TrainConfig, apply_section_override, build_section, from_dict, read_yaml
 from .model import build_model
-from .trainer import train
+from .trainer import start_classifier_run, train
 
 POINT_MODELS = ("point_mae", "point_bert")
 
@@ -75,12 +75,18 @@ def build_point_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     return build_model(cfg, num_classes)
 
 
-def train_pointcloud(cfg: PointTrainConfig, resume: str | Path | bool | None = None, stop_after_epoch: int | None = None) -> dict:
-    """Train cfg.train.method on a point-cloud task; returns the classifier trainer's result dict."""
+def train_pointcloud(cfg: PointTrainConfig, resume: str | Path | bool | None = None, stop_after_epoch: int | None = None,
+                     overwrite: bool = False) -> dict:
+    """Train cfg.train.method on a point-cloud task; returns the classifier trainer's result dict.
+
+    resume / stop_after_epoch / overwrite: as in `petl_vision.train.trainer.train` (the output_dir is
+    checked before anything is built)."""
     tc = cfg.train
+    record = {"data": dataclasses.asdict(cfg.data)}
+    start_classifier_run(tc, resume, overwrite, record)  # fail before building: the folder, the checkpoint
     set_seed(tc.seed)  # the backbone's random initialisation follows the seed
     train_ds, eval_ds, data_classes = build_point_datasets(cfg.data)
     num_classes = tc.num_classes or data_classes
     model = build_point_model(tc, num_classes)
     return train(tc, resume, stop_after_epoch, model=model, data=(train_ds, eval_ds, num_classes),
-                 drop_last=len(train_ds) > tc.batch_size, config_record={"data": dataclasses.asdict(cfg.data)})
+                 drop_last=len(train_ds) > tc.batch_size, config_record=record, overwrite=overwrite)
