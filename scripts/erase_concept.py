@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from petl_vision.train.cli import diffusion_parser, parse_training_args, run_cli, trainer_options
+from petl_vision.train.cli import check_pipeline_arg, diffusion_parser, parse_training_args, run_cli, trainer_options
 from petl_vision.train.erase import load_erase_config, train_erasure
 
 
@@ -27,7 +27,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args, overrides = parse_args(argv)
-    result = train_erasure(load_erase_config(args.config, overrides), **trainer_options(train_erasure, args))
+    cfg = load_erase_config(args.config, overrides)
+    check_pipeline_arg(cfg.model, "model (--model)")  # before the pipeline loads
+    result = train_erasure(cfg, **trainer_options(train_erasure, args))
     print(f"done: {result['steps']} steps; SPM file: {result['spm_file']}")
     return result
 

@@ -20,11 +20,12 @@ import torch
 import petl_vision.diffusers.spm as spm_plugin
 from petl_vision.clip.load import load_clip
 from petl_vision.diffusers.evaluate import evaluate_erasure, write_report
-from petl_vision.train.cli import add_debug_argument, run_cli
+from petl_vision.train.cli import ArgumentParser, add_debug_argument, check_pipeline_arg, run_cli
+from petl_vision.train.config import ConfigError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="diffusers pipeline folder or hub id")
     parser.add_argument("--spm", nargs="+", required=True, help="SPM files (official format)")
     parser.add_argument("--erased", nargs="*", default=[], help="erased concepts to measure")
@@ -48,11 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for path in args.spm:  # checked before the pipeline loads (a Hub repo id passes on to load_spm)
         if path.endswith(".safetensors") and not Path(path).is_file():
-            parser.error(f"--spm: file not found: {path} (expected an SPM .safetensors file, e.g. from erase_concept.py)")
+            raise ConfigError(f"--spm: file not found: {path} (expected an SPM .safetensors file, e.g. from erase_concept.py)")
     if args.weights is not None and len(args.weights) != len(args.spm):
-        parser.error(f"--weights: {len(args.weights)} values for {len(args.spm)} --spm files (expected one per file)")
+        raise ConfigError(f"--weights: {len(args.weights)} values for {len(args.spm)} --spm files (expected one per file)")
     if args.clip_config and not Path(args.clip_config).is_file():
-        parser.error(f"--clip-config: file not found: {args.clip_config} (expected an open_clip JSON architecture)")
+        raise ConfigError(f"--clip-config: file not found: {args.clip_config} (expected an open_clip JSON architecture)")
     return args
 
 
@@ -60,6 +61,7 @@ def main(argv=None) -> dict:
     from diffusers import DiffusionPipeline
 
     args = parse_args(argv)
+    check_pipeline_arg(args.model)  # before the pipeline loads
     pipe = DiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     spm_plugin.load_spm(pipe, args.spm, weights=args.weights, transport=not args.no_transport, official=args.official)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import sys
 
-from petl_vision.train.cli import diffusion_parser, parse_training_args, run_cli, trainer_options
+from petl_vision.data.common import require_dir
+from petl_vision.train.cli import check_pipeline_arg, diffusion_parser, parse_training_args, run_cli, trainer_options
 from petl_vision.train.diffusion import METHODS, load_diffusion_config, train_diffusion
 
 
@@ -29,7 +30,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args, overrides = parse_args(argv)
-    result = train_diffusion(load_diffusion_config(args.config, overrides), **trainer_options(train_diffusion, args))
+    cfg = load_diffusion_config(args.config, overrides)
+    check_pipeline_arg(cfg.model, "model (--model)")  # before the pipeline loads
+    require_dir(cfg.data, "captioned image folder (--data)")
+    result = train_diffusion(cfg, **trainer_options(train_diffusion, args))
     print(f"done: {result['steps']} steps; adapter: {result['adapter_dir']}; unet: {result['unet_dir']}")
     return result
 

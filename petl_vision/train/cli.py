@@ -14,14 +14,16 @@ import argparse
 import inspect
 import os
 import pickle
+import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import yaml
 
 from petl_vision.data.common import worker_message
 
-from .config import format_override
+from .config import ConfigError, format_override
 
 DEBUG_ENV = "PETL_VISION_DEBUG"
 USER_ERROR_STATUS = 2
@@ -49,6 +51,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 USER_ERRORS = _user_errors()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse.ArgumentParser whose usage errors are one line too: `error: <message> (see <prog> --help)`, status 2."""
+
+    def error(self, message: str):
+        self.exit(USER_ERROR_STATUS, f"error: {message} (see {self.prog} --help)\n")
 
 
 def add_debug_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -106,15 +115,33 @@ def trainer_options(trainer: Callable, args: argparse.Namespace) -> dict:
         options["overwrite"] = True
     return options
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # namespace/name, as the Hub spells repo ids
+
+
+def check_pipeline_arg(model: str, flag: str = "--model") -> None:
+    """ConfigError naming `flag` unless `model` is a diffusers pipeline folder (with model_index.json) or
+    has the form of a Hub repo id (`namespace/name`), checked before anything heavy is loaded."""
+    path = Path(model).expanduser()
+    accepted = "a diffusers pipeline folder (with model_index.json) or a Hub repo id such as runwayml/stable-diffusion-v1-5"
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ConfigError(f"{flag} {model}: no model_index.json in this folder; expected {accepted}")
+    elif path.exists():
+        raise ConfigError(f"{flag} {model}: is a file; expected {accepted}")
+    elif not _HUB_ID.fullmatch(model):
+        raise ConfigError(f"{flag} {model}: no such folder; expected {accepted}")
+
+
 RESUME_HELP = "resume from DIR (a checkpoint or output dir); alone: the latest checkpoint of output_dir"
 
 
 def training_parser(description: str, config_help: str, config_required: bool = True, mixed_precision: bool = True,
-                    merge: bool = True, resume_help: str = RESUME_HELP) -> argparse.ArgumentParser:
-    """An argparse parser with the options every training script takes."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+                    merge: bool = True, resume_help: str = RESUME_HELP,
+                    override_example: str = "optim.lr=0.01") -> argparse.ArgumentParser:
+    """An argparse parser with the options every training script takes (override_example: a valid key=value)."""
+    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=config_required, help=config_help)
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.01")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {override_example}")
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR", help=resume_help)
     if mixed_precision:
         parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="overrides mixed_precision")
@@ -128,7 +155,7 @@ def training_parser(description: str, config_help: str, config_required: bool = 
 
 def diffusion_parser(description: str, config_help: str) -> argparse.ArgumentParser:
     """training_parser for the diffusion scripts: optional --config, no --merge, plus --model and --max-steps."""
-    parser = training_parser(description, config_help, config_required=False, merge=False,
+    parser = training_parser(description, config_help, config_required=False, merge=False, override_example="lr=1e-4",
                              resume_help="resume from DIR (a checkpoint); alone: the latest checkpoint under output_dir")
     parser.add_argument("--model", help="diffusers pipeline folder or hub id")
     parser.add_argument("--max-steps", type=int, help="overrides max_steps")

@@ -437,14 +437,18 @@ KEY_CHOICES = {"mixed_precision": ("no", "fp16", "bf16"), "optim.name": ("adamw"
 
 def check_range(value, source: str, key: str) -> None:
     """ConfigError naming `source` and `key` when a number (or each number of a list) is outside RANGES[key],
-    or a string is not one of KEY_CHOICES[key]."""
+    a string is not one of KEY_CHOICES[key], or output_dir is an existing file."""
     if key in KEY_CHOICES and value is not None and value not in KEY_CHOICES[key]:
         raise ConfigError(f"{source}: {key} must be one of {', '.join(KEY_CHOICES[key])}, got {value!r}")
+    if key == "output_dir" and isinstance(value, str) and Path(value).exists() and not Path(value).is_dir():
+        raise ConfigError(f"{source}: output_dir {value} is a file; expected a folder (new, or holding a run)")
     parts = key.split(".")
     rule = RANGES.get(parts[-1].split("[")[0])
     if rule is None or parts[0] in RANGE_EXEMPT or value is None or isinstance(value, bool):
         return
     check, text = rule
+    if parts[-1] in ("betas", "adam_betas") and isinstance(value, list) and len(value) != 2:
+        raise ConfigError(f"{source}: {key} must be a list of two numbers in [0, 1), e.g. [0.9, 0.999], got {value!r}")
     for v in value if isinstance(value, list) else [value]:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and not check(v):
             got = value if isinstance(value, list) else v
