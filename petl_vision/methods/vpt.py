@@ -10,7 +10,10 @@ go on through every block; they are dropped after the last block, so the host's 
 pooling and head see the usual token layout (its intermediate block outputs hold the prompts).
 
 Implemented with forward hooks on the host's blocks (found through the token-host interface);
-the prompts live in ``model.petl.vpt``.
+the prompts live in ``model.petl.vpt``. Inserting and dropping are one copy each way
+(`InsertTokens`, `DropTokens`: a cat forward, a cat backward; autograd's own cat-of-slices backward
+writes a zero-filled copy per slice and adds them). Under autocast the prompts are cast at use to
+the autocast dtype before the projection and dropout, and to the token stream's dtype in the cat.
 """
 from __future__ import annotations
 
@@ -58,6 +61,46 @@ def init_bound(patch_size: tuple[int, int], dim: int) -> float:
     return math.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + dim))
 
 
+def _at_use_dtype(t: torch.Tensor) -> torch.Tensor:
+    """`t` in the autocast dtype when autocast is on for its device (master weights cast at use)."""
+    if torch.is_autocast_enabled(t.device.type):
+        return t.to(torch.get_autocast_dtype(t.device.type))
+    return t
+
+
+class InsertTokens(torch.autograd.Function):
+    """(B, N, D) tokens, (B, P, D) prompts -> (B, N + P, D) with the prompts after the first n tokens.
+
+    The prompts are cast to the tokens' dtype; gradients come back in each input's own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, prompts, n: int):
+        ctx.n, ctx.p, ctx.prompt_dtype = n, prompts.shape[1], prompts.dtype
+        return torch.cat([x[:, :n], prompts.to(x.dtype), x[:, n:]], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        n, p = ctx.n, ctx.p
+        grad_x = torch.cat([grad[:, :n], grad[:, n + p:]], dim=1) if ctx.needs_input_grad[0] else None
+        grad_prompts = grad[:, n:n + p].to(ctx.prompt_dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_prompts, None
+
+
+class DropTokens(torch.autograd.Function):
+    """(B, N + P, D) -> (B, N, D) without the P tokens after the first n."""
+
+    @staticmethod
+    def forward(ctx, x, n: int, p: int):
+        ctx.n, ctx.p = n, p
+        return torch.cat([x[:, :n], x[:, n + p:]], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        n, p = ctx.n, ctx.p
+        return torch.cat([grad[:, :n], grad.new_zeros(grad.shape[0], p, grad.shape[2]), grad[:, n:]], dim=1), None, None
+
+
 class VPTPrompts(nn.Module):
     """The prompts of every prompted layer and the hooks that insert them.
 
@@ -82,19 +125,20 @@ class VPTPrompts(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def layer_prompts(self, layer: int, batch: int) -> torch.Tensor:
-        """(B, P, dim) prompts of one layer."""
-        return self.dropout(self.proj(self.prompts[layer])).unsqueeze(0).expand(batch, -1, -1)
+        """(B, P, dim) prompts of one layer (a view of the (P, dim) prompts expanded over the batch)."""
+        prompts = self.prompts[layer]
+        if not isinstance(self.proj, nn.Identity) or (self.dropout.p > 0 and self.training):
+            prompts = self.dropout(self.proj(_at_use_dtype(prompts)))
+        return prompts.unsqueeze(0).expand(batch, -1, -1)
 
     def insert(self, layer: int, block: nn.Module, args: tuple, kwargs: dict):
         """Pre-hook of the first block (deep: of every block): (B, N, D) -> (B, N + P, D)."""
-        x, n = args[0], self.num_prefix_tokens
-        x = torch.cat([x[:, :n], self.layer_prompts(layer, x.shape[0]).to(x.dtype), x[:, n:]], dim=1)
-        return (x,) + args[1:], kwargs
+        x = args[0]
+        return (InsertTokens.apply(x, self.layer_prompts(layer, x.shape[0]), self.num_prefix_tokens),) + args[1:], kwargs
 
     def remove(self, block: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         """Hook after the last block (deep: after every block): (B, N + P, D) -> (B, N, D)."""
-        n, p = self.num_prefix_tokens, self.num_prompts
-        return torch.cat([output[:, :n], output[:, n + p:]], dim=1)
+        return DropTokens.apply(output, self.num_prefix_tokens, self.num_prompts)
 
 
 @register_method
