@@ -38,12 +38,13 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..core.errors import UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state
 from ..hosts import TokenHost, classifier_modules, token_host
-from ._side import check_single_output_method
+from ._side import autocast_input, check_single_output_method
 
 NUM_STAGES = 4
 STRIDES = (4, 8, 16, 32)  # of the pyramid levels, relative to the input image
@@ -142,6 +143,25 @@ class SideBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+def resize_weights(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """(n_out, n_in) weights of 1-d linear interpolation, as `F.interpolate(..., align_corners=False)`."""
+    eye = torch.eye(n_in, device=device).unsqueeze(1)  # (n_in, 1, n_in): one input position per row
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False).squeeze(1).t()
+
+
+def resize_tokens(x: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a token map (B, gh*gw, d) -> (B, H*W, d), as `F.interpolate` (bilinear,
+    align_corners=False) on (B, d, gh, gw) but with two small matmuls: no layout copies, and a
+    backward that is a matmul too (the CUDA upsample backward scatters with atomics)."""
+    (gh, gw), (h, w) = grid, size
+    if (gh, gw) == (h, w):
+        return x
+    b, _, d = x.shape
+    x = resize_weights(gh, h, x.device).to(x.dtype) @ x.reshape(b, gh, gw * d)  # rows: (B, H, gw*d)
+    x = resize_weights(gw, w, x.device).to(x.dtype) @ x.reshape(b * h, gw, d)  # columns: (B*H, W, d)
+    return x.reshape(b, h * w, d)
+
+
 class SideStage(nn.Module):
     """One side stage: downsample, then one SideBlock per ViT block of its group.
 
@@ -168,20 +188,35 @@ class SideStage(nn.Module):
         self.blocks = nn.ModuleList(SideBlock(dim, num_heads, mlp_ratio, qkv_bias, dp) for dp in drop_paths)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
-    def forward(self, x: torch.Tensor, metas: list[torch.Tensor], maps: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
-        """x: image or previous map (B, C, H', W'); metas: (B, D) per block; maps: (B, gh*gw, D) per block.
+    def bridge_inputs(self, metas: list[torch.Tensor], maps: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Bridge the stage's meta tokens (B, D) -> (B, d) and ViT maps (B, gh*gw, D) -> (B, gh*gw, d)."""
+        return [self.bridge(m) for m in metas], [self.bridge(v) for v in maps]
 
-        Returns the stage's map (B, d, H, W).
+    def forward(self, x: torch.Tensor, metas: list[torch.Tensor], maps: list[torch.Tensor], grid: tuple[int, int],
+                batch_stats: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """x: image or previous map (B, C, H', W'); metas: (B, d) and maps: (B, gh*gw, d) per block, bridged.
+
+        Returns the stage's map (B, d, H, W) and, with `batch_stats` on the first stage, the stem
+        BatchNorm's batch statistics (mean, unbiased var): it then normalises with them and leaves its
+        running statistics to the caller (a recomputation in backward must not update them twice).
         """
-        x = self.embed(x)
+        stats = None
+        if batch_stats and isinstance(self.embed, nn.Sequential):
+            conv, bn, relu, proj = self.embed
+            x = conv(x)
+            with torch.no_grad():
+                var, mean = torch.var_mean(x.float(), dim=(0, 2, 3))
+            stats = (mean, var)
+            x = proj(relu(F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)))
+        else:
+            x = self.embed(x)
         size = x.shape[-2:]
         x = self.embed_norm(x.flatten(2).transpose(1, 2))
         for block, meta_norm, meta, vit in zip(self.blocks, self.meta_norms, metas, maps):
-            vit = self.bridge(vit).transpose(1, 2).unflatten(2, grid)  # (B, d, gh, gw)
-            vit = F.interpolate(vit, size=size, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
-            kv = torch.cat([meta_norm(self.bridge(meta)).unsqueeze(1), vit.mean(1, keepdim=True)], dim=1)
+            vit = resize_tokens(vit, grid, size)  # (B, H*W, d)
+            kv = torch.cat([meta_norm(meta).unsqueeze(1), vit.mean(1, keepdim=True)], dim=1)
             x = block(x, kv, vit)
-        return self.norm(x).transpose(1, 2).unflatten(2, size)
+        return self.norm(x).transpose(1, 2).unflatten(2, size), stats
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -223,6 +258,7 @@ class HSTNetwork(nn.Module):
         self.head = nn.Linear(config.widths[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.head.apply(_init_weights)
         self.return_pyramid = False
+        self.recompute = True  # activation checkpointing of the side stages in training (False: keep their activations)
         self._run: dict | None = None  # the image and block outputs of the forward in progress
 
     # -- hooks -------------------------------------------------------------------------------
@@ -238,23 +274,42 @@ class HSTNetwork(nn.Module):
         return (torch.cat([meta, x], dim=1),) + args[1:], kwargs
 
     def remove(self, index: int, block: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        """Block hook: record the meta output (B, D) and patch tokens (B, gh*gw, D); drop the meta token."""
-        if self._run is not None:
-            self._run["metas"].append(output[:, 0])
-            self._run["maps"].append(output[:, 1 + self.num_prefix_tokens:])
-        return output[:, 1:]
+        """Block hook: record the meta output (B, D) and patch tokens (B, gh*gw, D); drop the meta token.
+
+        After the last block the side network runs here, inside the model's forward (one graph under
+        `torch.compile`, and the root's parameters still gathered under FSDP), and the tokens go on
+        to the host's final norm and head detached: their output is replaced, so they need no graph.
+        """
+        run = self._run
+        if run is None:
+            return output[:, 1:]
+        run["metas"].append(output[:, 0])
+        run["maps"].append(output[:, 1 + self.num_prefix_tokens:])
+        if index != self.meta_tokens.shape[0] - 1:
+            return output[:, 1:]
+        pyramid = self.side_forward(run["image"], run["metas"], run["maps"])
+        run["out"] = pyramid if self.return_pyramid else self.classify(pyramid[-1])
+        run["metas"], run["maps"] = [], []
+        return output[:, 1:].detach()
 
     def finish(self, model: nn.Module, args: tuple, output):
-        """Root hook: run the side network; return HST's logits (or the pyramid for `feature_pyramid`)."""
+        """Root hook: return HST's logits (or the pyramid for `feature_pyramid`), computed after the last block."""
         run, self._run = self._run, None
         if run is None:
             return output
-        pyramid = self.side_forward(run["image"], run["metas"], run["maps"])
-        return pyramid if self.return_pyramid else self.classify(pyramid[-1])
+        if "out" not in run:
+            raise RuntimeError(f"hst: the last block did not run in this forward ({len(run['maps'])} block outputs recorded)")
+        return run["out"]
 
     # -- side network ------------------------------------------------------------------------
     def side_forward(self, image: torch.Tensor, metas: list[torch.Tensor], maps: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The 4 pyramid levels (B, widths[i], H / s_i, W / s_i), s = 4, 8, 16, 32."""
+        """The 4 pyramid levels (B, widths[i], H / s_i, W / s_i), s = 4, 8, 16, 32.
+
+        In training with autograd on, the stages run under activation checkpointing: only the bridges'
+        inputs (the ViT maps in the autocast dtype) and outputs (B, gh*gw, d) are kept, and the side
+        stages are recomputed in backward, so HST keeps for backward little more than the frozen
+        backbone's own input-gradient needs (the stride-4 stage alone would keep about 2 ViT blocks' worth).
+        """
         depth = self.meta_tokens.shape[0]
         if len(maps) != depth:
             raise RuntimeError(f"hst: recorded {len(maps)} block outputs in this forward, expected {depth} (one per block)")
@@ -267,11 +322,33 @@ class HSTNetwork(nn.Module):
                 f"hst: blocks output {maps[0].shape[1]} patch tokens for a {tuple(image.shape[-2:])} image, expected "
                 f"{grid[0]}x{grid[1]} (patch {self.patch_size}); another method changing the token layout is not supported with hst"
             )
-        pyramid, x = [], image.to(self.meta_tokens.dtype)
-        for stage, group in zip(self.stages, self.groups):
-            x = stage(x, [metas[j] for j in group], [maps[j] for j in group], grid)
-            pyramid.append(x)
+        bridged = [stage.bridge_inputs([metas[j] for j in group], [maps[j] for j in group]) for stage, group in zip(self.stages, self.groups)]
+        image = autocast_input(image.to(self.meta_tokens.dtype))  # the stem conv's cast, done once before checkpointing
+        if not (self.recompute and self.training and torch.is_grad_enabled()):
+            return self._stages(image, bridged, grid, False)[0]
+        pyramid, stats = checkpoint(self._stages, image, bridged, grid, True, use_reentrant=False)
+        self._update_stem_stats(*stats)
         return pyramid
+
+    def _stages(self, image: torch.Tensor, bridged: list, grid: tuple[int, int], batch_stats: bool):
+        """The pyramid, and the stem BatchNorm's batch statistics when `batch_stats` (else None)."""
+        pyramid, x, stats = [], image, None
+        for i, (stage, (metas, maps)) in enumerate(zip(self.stages, bridged)):
+            x, stage_stats = stage(x, metas, maps, grid, batch_stats and i == 0)
+            stats = stage_stats if i == 0 else stats
+            pyramid.append(x)
+        return pyramid, stats
+
+    @torch.no_grad()
+    def _update_stem_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """The stem BatchNorm's running statistics, updated as nn.BatchNorm2d does in training."""
+        bn = self.stages[0].embed[1]
+        if not bn.track_running_stats:
+            return
+        bn.num_batches_tracked.add_(1)
+        momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
+        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+        bn.running_var.lerp_(var.to(bn.running_var.dtype), momentum)
 
     def classify(self, last: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) last pyramid level -> mean over positions -> BatchNorm1d -> Linear: (B, num_classes)."""
