@@ -46,10 +46,11 @@ class SSFConfig(MethodConfig):
     """Config of SSF.
 
     init_std: std of the init, scale ~ N(1, init_std), shift ~ N(0, init_std) (paper: 0.02).
-    save_output: on channels-last outputs (linears, LayerNorm), keep only the SSF output for the
-        backward pass and recover the input as (y - shift) / scale. The next layer keeps y anyway,
-        so SSF then adds no activation memory of its own (the official code keeps both). Off for
-        (N, C, ...) outputs, where in-place activations (ReLU(inplace=True)) may overwrite y.
+    save_output: the lean form (see `SSFLayer`): SSF folded into the affine of the norms and the
+        weights of the widening linears it follows, elsewhere keeping its output for backward where
+        the next op keeps it anyway. False: the official form, ``y * scale + shift`` after every
+        layer keeping y (autograd's gradients exactly, also for a scale of exactly 0; more memory).
+        Off on its own for layers whose output is modified in place after them.
     target_modules: regular expression searched in module names to restrict the placement
         (default: every eligible layer). A fused attention in-projection is named
         `<attention module>.in_proj` (e.g. "transformer.resblocks.0.attn.in_proj").
@@ -177,18 +178,27 @@ class SSFLayer(WrapperLayer):
 
     Output of base: (..., C) when channel_dim is -1, (N, C, ...) when it is 1.
 
-    How the affine runs, chosen per layer type by what autograd must keep for backward and the
-    work it adds (bf16 autocast, ViT-B/16-shaped ViT; `petl_vision.bench.footprint`):
+    How the affine runs (`mode`) is chosen per layer by what autograd must keep for backward and
+    the work added (measured under bf16 autocast on a ViT-B/16-shaped ViT with
+    `petl_vision.bench.footprint`; ratios of bytes kept to full fine-tuning's: 0.78 with every
+    linear elementwise, 0.82 as below, 1.53 for the official form in fp32):
 
-    - after a norm: folded into the norm's own affine, ``norm(x; w * s, b * s + t)``. The norm
-      keeps its input and statistics anyway and its backward already computes the affine's
-      gradients, so SSF adds no saved activation and only a few C-sized ops;
-    - after a linear or a convolution: an elementwise ``y * s + t`` in y's dtype (`ScaleShift`),
-      keeping z (channels-last, `save_output`) or y. Folding into the layer instead
-      (``W' = diag(s) W``) would make the frozen layer keep its input and run a weight-gradient
-      matmul in backward, full fine-tuning's cost for that layer; the elementwise form keeps one
-      activation (none where the next op keeps z: q/k/v for attention, the MLP activation's input)
-      and adds memory-bound elementwise kernels only.
+    - "norm", after a norm: folded into its affine, ``norm(x; w * s, b * s + t)``. The norm keeps its
+      input and statistics anyway and its backward computes the affine's gradient: nothing is kept
+      and only a few C-sized ops are added.
+    - "linear", after an nn.Linear with in_features <= out_features (a ViT's qkv, attn.proj, fc1):
+      folded into it, ``F.linear(x, diag(s) W, s * b + t)``, so the layer's output is already SSF's.
+      The frozen layer then keeps its input x (in) and runs a weight-gradient matmul (2 in x out
+      flops per token) to reduce the scale's gradient; the elementwise form instead runs about 9
+      memory-bound passes over its output (out wide) per step. On a GPU (~150 bf16 flops per byte
+      of memory bandwidth) the matmul is cheaper while in is below ~1,000, and with in <= out the
+      input kept is at most the output the elementwise form would keep where its consumer does not.
+    - "output" / "input", elsewhere (narrowing linears such as fc2, convolutions, a base replaced by
+      LoRA): elementwise `ScaleShift` in the activation dtype, keeping z on channels-last outputs of
+      widening layers (their consumer keeps z: attention's q/k/v, the MLP activation's input) and y
+      on the rest (a residual sum keeps neither; (N, C, ...) outputs may be overwritten in place).
+
+    save_output=False: "input" everywhere, the official form.
     """
 
     def __init__(self, base: nn.Module, num_channels: int, channel_dim: int, init_std: float = 0.02, save_output: bool = True):
@@ -196,20 +206,31 @@ class SSFLayer(WrapperLayer):
         ref = next(base.parameters())
         self.channel_dim = channel_dim
         self.save_output = save_output and channel_dim == -1
-        self.fold_into_norm = not isinstance(base, (nn.Linear, nn.modules.conv._ConvNd))
+        widening = not isinstance(base, nn.Linear) or base.in_features <= base.out_features
+        if not save_output:
+            self.mode = "input"
+        elif not isinstance(base, (nn.Linear, nn.modules.conv._ConvNd)):
+            self.mode = "norm"
+        elif isinstance(base, nn.Linear) and widening:
+            self.mode = "linear"
+        else:
+            self.mode = "output" if channel_dim == -1 and widening else "input"
         self.scale = nn.Parameter(torch.empty(num_channels, device=ref.device, dtype=ref.dtype).normal_(1.0, init_std))
         self.shift = nn.Parameter(torch.empty(num_channels, device=ref.device, dtype=ref.dtype).normal_(0.0, init_std))
 
     def forward(self, *args, **kwargs):
-        if self.fold_into_norm:
-            base, scale, shift = self.base, self.scale, self.shift
+        base, scale, shift = self.base, self.scale, self.shift
+        if self.mode == "norm":
             bias = shift if base.bias is None else torch.addcmul(shift, base.bias, scale)
             return _norm_with_affine(base, args[0], base.weight * scale, bias)
-        y = self.base(*args, **kwargs)
-        if torch.is_grad_enabled() and (y.requires_grad or self.scale.requires_grad or self.shift.requires_grad):
-            return ScaleShift.apply(y, self.scale, self.shift, self.channel_dim, self.save_output)
+        if self.mode == "linear" and isinstance(base, nn.Linear):  # not when LoRA has replaced the base
+            bias = shift if base.bias is None else torch.addcmul(shift, base.bias, scale)
+            return F.linear(args[0], base.weight * scale.unsqueeze(1), bias)
+        y = base(*args, **kwargs)
+        if torch.is_grad_enabled() and (y.requires_grad or scale.requires_grad or shift.requires_grad):
+            return ScaleShift.apply(y, scale, shift, self.channel_dim, self.mode != "input")
         view = _channel_view(y.ndim, self.channel_dim)
-        return torch.addcmul(self.shift.to(y.dtype).view(view), y, self.scale.to(y.dtype).view(view))
+        return torch.addcmul(shift.to(y.dtype).view(view), y, scale.to(y.dtype).view(view))
 
     @torch.no_grad()
     def merged(self, fold_shift=None) -> nn.Module:
@@ -229,7 +250,7 @@ class SSFLayer(WrapperLayer):
         return base
 
     def extra_repr(self) -> str:
-        return f"channels={self.scale.numel()}, channel_dim={self.channel_dim}"
+        return f"channels={self.scale.numel()}, channel_dim={self.channel_dim}, mode={self.mode}"
 
 
 class BiasScaleShift(nn.Module):
