@@ -16,6 +16,7 @@ from test_spm_train import FAST
 
 from petl_vision.train import load_config, train
 from petl_vision.train.checkpoint import CheckpointError, check_finite, complete_checkpoints
+from petl_vision.train import diffusion
 from petl_vision.train.demo import run_demo
 from petl_vision.train.diffusion import load_diffusion_config, train_diffusion
 from petl_vision.train.erase import load_erase_config, train_erasure
@@ -187,7 +188,7 @@ def test_nan_loss_stops_training_without_an_adapter(tmp_path):
         run(out, "epochs=3", "merge=true", edit=nan_from_step_8)
     assert not (out / "adapter").exists() and not (out / "merged.safetensors").exists()
     assert [r["epoch"] for r in valid_json_lines(out / "metrics.jsonl")] == [1]
-    log = MetricsLog(tmp_path / "log", tensorboard=False)
+    log = MetricsLog(tmp_path / "log")
     (tmp_path / "log").mkdir()
     log.log({"epoch": 1, "train_loss": float("nan"), "top1": float("inf"), "lr": 0.1})
     assert valid_json_lines(tmp_path / "log" / "metrics.jsonl") == [{"epoch": 1, "train_loss": None, "top1": None, "lr": 0.1}]
@@ -202,7 +203,7 @@ def test_demo_refuses_resume(tmp_path):
     assert not (tmp_path / "demo").exists()
 
 
-def test_diffusion_trainers_refuse_folders_stop_on_nan_and_resume_safely(pipeline_dir, data_dir, tmp_path):  # noqa: F811
+def test_diffusion_trainers_refuse_folders_stop_on_nan_and_resume_safely(pipeline_dir, data_dir, tmp_path, monkeypatch):  # noqa: F811
     common = [f"model={pipeline_dir}", f"data={data_dir}", "resolution=16", "batch_size=2", "checkpoint_every=1", "seed=0",
               "method.name=lora", "progress=false"]
     out = tmp_path / "ft"
@@ -213,8 +214,12 @@ def test_diffusion_trainers_refuse_folders_stop_on_nan_and_resume_safely(pipelin
     with pytest.raises(CheckpointError, match="differs in: lr"):
         train_diffusion(load_diffusion_config(None, [*common, f"output_dir={out}", "max_steps=2", "lr=0.02"]), resume=True)
     torch.save(Payload(tmp_path / "pwned"), out / "checkpoints" / "step_1" / "custom_checkpoint_0.pkl")
+    memory = recorder()
+    monkeypatch.setattr(diffusion, "check_trackers", lambda log_with: [memory])
     done = train_diffusion(cfg, resume=True)
     assert done["steps"] == 2 and done["adapter_dir"] and not (tmp_path / "pwned").exists()
+    assert [(step, sorted(v)) for step, v in memory.logs] == [(2, ["train/loss", "train/lr"])] and memory.config["lr"] == 0.01
+    monkeypatch.undo()
     assert [r["step"] for r in valid_json_lines(out / "metrics.jsonl")] == [1, 2]
 
     nan = tmp_path / "nan"
@@ -262,3 +267,48 @@ def test_two_processes_give_the_one_process_weights(tmp_path):
     moved = [k for k, p in one["model"].named_parameters() if p.requires_grad]
     a, b = torch.cat([two[k].flatten() for k in moved]), torch.cat([state[k].flatten() for k in moved])
     assert len(moved) > 10 and (a - b).norm() / b.norm() < 1e-4, ((a - b).norm() / b.norm()).item()
+
+
+def recorder():
+    """An Accelerate tracker that keeps what it is given."""
+    from accelerate.tracking import GeneralTracker
+
+    class Memory(GeneralTracker):
+        name, requires_logging_directory, main_process_only = "memory", False, True
+
+        def __init__(self):
+            super().__init__()
+            self.config, self.logs, self.finished = None, [], False
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            self.config = values
+
+        def log(self, values, step=None, **kwargs):
+            self.logs.append((step, dict(values)))
+
+        def finish(self):
+            self.finished = True
+
+    return Memory()
+
+
+def test_trackers_get_per_step_loss_and_lr_and_a_missing_one_is_named(tmp_path):
+    with pytest.raises(ImportError, match="log_with=tensorboard: the tensorboard tracker is not installed .pip install tensorboard"):
+        train(load_config(None, [*BASE, f"output_dir={tmp_path / 'tb'}"]), model=tiny_model(), data=tiny_data(), log_with="tensorboard")
+    with pytest.raises(ValueError, match="unknown tracker 'tensorbord'"):
+        train(load_config(None, [*BASE, f"output_dir={tmp_path / 'tb'}"]), model=tiny_model(), data=tiny_data(), log_with="tensorbord")
+    assert not (tmp_path / "tb").exists()
+    memory = recorder()
+    cfg = load_config(None, [*BASE, f"output_dir={tmp_path / 'run'}", "epochs=2"])
+    result = train(cfg, model=tiny_model(), data=tiny_data(), log_with=[memory])
+    steps = [(step, values) for step, values in memory.logs if "train/loss" in values]
+    assert [s for s, _ in steps] == list(range(1, 13))  # 24 images / 4 a batch = 6 steps an epoch
+    lrs = [v["train/lr"] for _, v in steps]
+    assert lrs[0] == pytest.approx(0.01 / 6 * 2) and max(lrs) == pytest.approx(0.01)  # warm-up to the base lr over epoch 1
+    epochs = [values for _, values in memory.logs if "epoch/top1" in values]
+    assert [e["epoch/epoch"] for e in epochs] == [1, 2] and epochs[-1]["epoch/top1"] == result["metrics"]["top1"]
+    assert memory.config["optim.lr"] == 0.01 and memory.config["method.name"] == "ssf" and memory.finished

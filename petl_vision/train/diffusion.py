@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from petl_vision.data.captions import CaptionedImageFolder, image_transform, sdx
 from .checkpoint import RUN_ARTIFACTS, Run, check_finite, load_checkpoint, run_record, save_checkpoint, start_run
 from .conditioning import ConditioningError, TextConditioning, is_sdxl
 from .config import ConfigError, MethodSection, check_override, coerce, merge_dicts, nested, parse_override, read_mapping
-from .tracking import MetricsLog
+from .tracking import MetricsLog, check_trackers, finish_trackers, start_trackers
 from .trainer import MethodHooks, TrainState
 
 METHODS = ("sara", "lora", "full")
@@ -58,6 +57,8 @@ class DiffusionConfig:
     lr_scheduler: any name of diffusers.optimization.get_scheduler (cosine, constant, linear, ...).
     checkpoint_every / validation_every: in optimizer steps; validation needs validation_prompt.
     overwrite: replace the run that output_dir holds (else an output_dir holding another run is refused).
+    log_with: Accelerate trackers (tensorboard, wandb, ...; comma-separated) for per-step loss / lr and the
+        validation images, files under output_dir/logs; metrics.jsonl is always written.
     """
 
     model: str = "runwayml/stable-diffusion-v1-5"
@@ -90,6 +91,7 @@ class DiffusionConfig:
     num_workers: int = 0
     progress: bool = True
     overwrite: bool = False
+    log_with: str | None = None
 
 
 def load_diffusion_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DiffusionConfig:
@@ -216,9 +218,11 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
 
+    trackers = check_trackers(cfg.log_with)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        log_with=trackers, project_dir=cfg.output_dir,
     )
     set_seed(cfg.seed)
     run = start_diffusion_run(cfg, resume, overwrite)
@@ -254,13 +258,14 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
     state = resumable_state(accelerator, run, unet, optimizer, scheduler)
     run.commit(accelerator, yaml.safe_dump(config_record(cfg), sort_keys=False))
-    log = MetricsLog(out, enabled=accelerator.is_main_process, tensorboard=False)
+    start_trackers(accelerator, config_record(cfg))
+    log = MetricsLog(out, enabled=accelerator.is_main_process)
     log.truncate_after(state.step, key="step")
     hint = f"lower lr (now {default_lr(cfg):g})"
 
     plain_unet = accelerator.unwrap_model(unet)
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum_steps))
-    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (cfg.progress and sys.stderr.isatty() and accelerator.is_local_main_process))
+    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (cfg.progress and accelerator.is_local_main_process))
     losses: list[float] = []
     unet.train()
     while state.step < cfg.max_steps:
@@ -284,13 +289,14 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
             state.step += 1
             losses.append(accelerator.gather(loss.detach()).mean().item())
             log.log({"step": state.step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0]})
+            accelerator.log({"train/loss": losses[-1], "train/lr": scheduler.get_last_lr()[0]}, step=state.step)
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             hooks.on_step(optimizer, state.step, accelerator.print)  # SaRA's re-selection swaps Parameters
             if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
                 save_checkpoint(accelerator, run, state.step, unet, optimizer, scheduler, state.state_dict(), cfg.keep_checkpoints)
             if cfg.validation_prompt and accelerator.is_main_process and (state.step % cfg.validation_every == 0 or state.step == cfg.max_steps):
-                validate(cfg, parts, plain_unet, accelerator, state.step, weight_dtype)
+                log_images(accelerator, validate(cfg, parts, plain_unet, accelerator, state.step, weight_dtype), state.step)
                 unet.train()
             if state.step >= cfg.max_steps or state.step == stop_after_step:
                 break
@@ -300,6 +306,7 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
     log.close()
     result = {"unet": plain_unet, "output_dir": str(out), "adapter_dir": None, "unet_dir": None, "steps": state.step,
               "losses": losses, "trainable_params": sum(p.numel() for p in plain_unet.parameters() if p.requires_grad)}
+    finish_trackers(accelerator)
     if state.step < cfg.max_steps:  # stopped early
         return result
     accelerator.wait_for_everyone()
@@ -382,6 +389,20 @@ def validate(cfg: DiffusionConfig, parts: dict, unet, accelerator, step: int, we
             image.save(paths[-1])
     del pipe
     return paths
+
+
+def log_images(accelerator, paths: list[Path], step: int) -> None:
+    """The validation images as one (N, H, W, 3) batch to every tracker that takes images (TensorBoard, W&B, ...)."""
+    trackers = [t for t in accelerator.trackers if hasattr(t, "log_images")]
+    if not trackers or not paths:
+        return
+    import numpy as np
+    from PIL import Image
+
+    images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    for tracker in trackers:
+        kwargs = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
+        tracker.log_images({"validation": images}, step=step, **kwargs)
 
 
 def resumable_state(accelerator, run: Run, model, optimizer, scheduler) -> TrainState:

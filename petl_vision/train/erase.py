@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import random
 import re
-import sys
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ from .conditioning import TextConditioning
 from .config import ConfigError, check_override, coerce, parse_override, read_mapping
 from .checkpoint import check_finite, save_checkpoint
 from .diffusion import ARTIFACTS, config_record, load_unet_and_conditioning, resumable_state, start_diffusion_run
-from .tracking import MetricsLog
+from .tracking import MetricsLog, check_trackers, finish_trackers, start_trackers
 
 # A run folder of erase_concept also holds the membranes it wrote.
 ERASE_ARTIFACTS = (*ARTIFACTS, "*steps.safetensors", "*_last.safetensors")
@@ -71,6 +70,7 @@ class EraseConfig:
     optimizer: adamw (torch) or adamw8bit (bitsandbytes, official). lr_scheduler: any name of
     diffusers.optimization.get_scheduler. max_grad_norm: 0 = no clipping (official).
     overwrite: replace the run that output_dir holds (else an output_dir holding another run is refused).
+    log_with: Accelerate trackers (tensorboard, wandb, ...) for per-step losses and lr (output_dir/logs).
     """
 
     model: str = "CompVis/stable-diffusion-v1-4"
@@ -107,6 +107,7 @@ class EraseConfig:
     seed: int = 0
     progress: bool = True
     overwrite: bool = False
+    log_with: str | None = None
 
     @property
     def membrane_name(self) -> str:
@@ -289,7 +290,8 @@ def train_erasure(cfg: EraseConfig, resume: str | Path | bool | None = None, sto
 
     from petl_vision.diffusers.spm_format import save_spm
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    trackers = check_trackers(cfg.log_with)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers, project_dir=cfg.output_dir)
     set_seed(cfg.seed)
     run = start_diffusion_run(cfg, resume, overwrite, ERASE_ARTIFACTS)
     accelerator.wait_for_everyone()
@@ -323,10 +325,11 @@ def train_erasure(cfg: EraseConfig, resume: str | Path | bool | None = None, sto
     plain_unet = accelerator.unwrap_model(unet)
     state = resumable_state(accelerator, run, unet, optimizer, lr_scheduler)
     run.commit(accelerator, yaml.safe_dump(config_record(cfg), sort_keys=False))
-    log = MetricsLog(out, enabled=accelerator.is_main_process, tensorboard=False)
+    start_trackers(accelerator, config_record(cfg))
+    log = MetricsLog(out, enabled=accelerator.is_main_process)
     log.truncate_after(state.step, key="step")
 
-    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (cfg.progress and sys.stderr.isatty() and accelerator.is_local_main_process))
+    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (cfg.progress and accelerator.is_local_main_process))
     losses: list[dict] = []
     while state.step < cfg.max_steps and state.step != stop_after_step:
         with accelerator.autocast():
@@ -342,6 +345,7 @@ def train_erasure(cfg: EraseConfig, resume: str | Path | bool | None = None, sto
         state.step += 1
         losses.append({k: v.item() for k, v in step_losses.items()})
         log.log({"step": state.step, **losses[-1], "lr": lr_scheduler.get_last_lr()[0]})
+        accelerator.log({**{f"train/{k}": v for k, v in losses[-1].items()}, "train/lr": lr_scheduler.get_last_lr()[0]}, step=state.step)
         bar.update()
         bar.set_postfix(loss=f"{losses[-1]['loss']:.3e}", erase=f"{losses[-1]['erase']:.3e}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}")
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
@@ -352,6 +356,7 @@ def train_erasure(cfg: EraseConfig, resume: str | Path | bool | None = None, sto
     log.close()
     result = {"unet": plain_unet, "output_dir": str(out), "spm_file": None, "steps": state.step, "losses": losses,
               "trainable_params": sum(p.numel() for p in trainable)}
+    finish_trackers(accelerator)
     if state.step < cfg.max_steps:
         return result
     accelerator.wait_for_everyone()

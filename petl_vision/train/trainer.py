@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from .checkpoint import find_checkpoint as _find_checkpoint
 from .config import TrainConfig, to_dict
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
-from .tracking import MetricsLog
+from .tracking import MetricsLog, check_trackers, finish_trackers, start_trackers
 
 
 # Config keys that do not change what is trained: a run may be resumed with other values.
@@ -69,7 +68,7 @@ def start_classifier_run(cfg: TrainConfig, resume=None, overwrite: bool = False,
 
 def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_epoch: int | None = None, *,
           model: nn.Module | None = None, data: tuple | None = None, drop_last: bool = False,
-          baseline: str | None = None, config_record: dict | None = None, overwrite: bool = False) -> dict:
+          baseline: str | None = None, config_record: dict | None = None, overwrite: bool = False, log_with=None) -> dict:
     """Train `cfg.method` on `cfg.model` (or on the given model and data) and return a result dict.
 
     resume: a checkpoint dir, an output dir (its latest complete checkpoint), or True for
@@ -80,6 +79,9 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
     overwrite: replace the run that `cfg.output_dir` holds (also `cfg.overwrite`); without it, an
         output_dir holding another run raises FileExistsError. Nothing is written before the model
         and data are built.
+    log_with: Accelerate trackers ("tensorboard", "wandb", ..., also `cfg.log_with`): per-step train/loss
+        and train/lr, per-epoch metrics, files under <output_dir>/logs; ImportError when one is not
+        installed. metrics.jsonl (one line per epoch) is always written.
     stop_after_epoch: stop (as if interrupted) after that epoch's checkpoint; for tests.
     model: the host to train, before `cfg.method` is applied (default: `build_model(cfg)`, after
         seeding). A caller building it seeds first (`set_seed(cfg.seed)`): train() then does not
@@ -100,10 +102,12 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
     """
     if (model is None) != (data is None):
         raise ValueError("train: pass `model` and `data` together (or neither, to build them from cfg)")
+    trackers = check_trackers(log_with if log_with is not None else getattr(cfg, "log_with", None))
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        log_with=trackers, project_dir=str(cfg.output_dir),
     )
     run = start_classifier_run(cfg, resume, overwrite, config_record)
     accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes to it
@@ -125,7 +129,9 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
     pv.apply(model, method_config)
     counts = pv.summary(model)
     accelerator.print(counts)
-    run.commit(accelerator, yaml.safe_dump({**to_dict(cfg), **(config_record or {})}, sort_keys=False))
+    record = {**to_dict(cfg), **(config_record or {})}
+    run.commit(accelerator, yaml.safe_dump(record, sort_keys=False))
+    start_trackers(accelerator, record)
 
     cache = None  # side networks (lst, unipt) on data without augmentation, one process, images not needed
     if (built and cfg.feature_cache and not cfg.data.augment and uses_side_network(model) and accelerator.num_processes == 1
@@ -160,7 +166,7 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
     log = MetricsLog(out, enabled=accelerator.is_main_process)
     log.truncate_after(state.epoch)  # a fresh run starts an empty file
 
-    show_bar = cfg.progress and sys.stderr.isatty() and accelerator.is_local_main_process
+    show_bar = cfg.progress and accelerator.is_local_main_process  # tqdm's rules otherwise (TQDM_DISABLE, ...)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     history, stopped_early, ckpt_dir = [], False, None
     for epoch in range(state.epoch, cfg.epochs):
@@ -176,6 +182,7 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
         record = {"epoch": state.epoch, "step": state.step, **stats}
         history.append(record)
         log.log(record)
+        accelerator.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}, step=state.step)
         top5 = f" top5 {record['top5']:.2f}" if "top5" in record else ""
         accelerator.print(
             f"epoch {state.epoch}/{cfg.epochs}  loss {record['train_loss']:.4f}  top1 {record['top1']:.2f}{top5}"
@@ -186,6 +193,7 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
             stopped_early = True
             break
     log.close()
+    finish_trackers(accelerator)
 
     unwrapped = accelerator.unwrap_model(model)
     result = {
@@ -311,6 +319,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator,
             optimizer.zero_grad()
         if accelerator.sync_gradients:
             hooks.on_step(optimizer, state.step, accelerator.print)
+            if accelerator.trackers:
+                accelerator.log({"train/loss": loss.item(), "train/lr": optimizer.param_groups[0]["lr"]}, step=state.step)
         loss_sum += loss.detach()
         batches += 1
         images += targets.shape[0] * accelerator.num_processes
