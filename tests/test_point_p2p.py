@@ -124,3 +124,19 @@ def test_projection_png_and_errors(tmp_path):
         pv.apply(tiny_vit(), "p2p", obj_size=40)
     with pytest.raises(pv.MergeError, match="p2p"):
         pv.merge(model)
+
+
+def test_learned_layers_and_images_follow_autocast():
+    """Under bf16 autocast the encoder, the colouring and the images given to the image model are bf16
+    (the kNN and the view rotation stay fp32, see test_autocast); without autocast, all fp32."""
+    model = pv.apply(tiny_vit(), "p2p", test_views=4).train()
+    seen = {}
+    for name in ("encoder", "encoder.proj_layer", "img_block", "img_layer", ""):
+        module = model.petl.p2p.get_submodule(name) if name else model.petl.p2p
+        module.register_forward_hook(lambda m, a, o, name=name: seen.__setitem__(name or "images", o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(clouds())
+    assert seen == dict.fromkeys(["encoder.proj_layer", "encoder", "img_block", "img_layer", "images"], torch.bfloat16), seen
+    assert out.dtype == torch.bfloat16
+    model(clouds())
+    assert set(seen.values()) == {torch.float32}

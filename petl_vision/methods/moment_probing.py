@@ -138,6 +138,7 @@ class MomentProbingHead(nn.Module):
         ) if config.psrp else None
         self._tokens: torch.Tensor | None = None
         self._pooled: torch.Tensor | None = None
+        self._logits: torch.Tensor | None = None
 
     def second_order(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N_prefix + N, D) -> (B, F) flattened, convolved cross-covariances of adjacent groups."""
@@ -157,13 +158,14 @@ class MomentProbingHead(nn.Module):
         model.register_forward_pre_hook(self._reset)
         (host.norm if host.norm is not None else host.blocks[-1]).register_forward_hook(self._capture_tokens)
         classifier_modules(model)[0].register_forward_pre_hook(self._capture_pooled)
+        classifier_modules(model)[0].register_forward_hook(self._run_probe)  # inside the model's graph under torch.compile
         model.register_forward_hook(self._replace_output)
         if self.psrp is not None:
             for block, psrp in zip(host.blocks, self.psrp):
                 psrp.install(block)
 
     def _reset(self, model: nn.Module, args: tuple) -> None:
-        self._tokens = self._pooled = None
+        self._tokens = self._pooled = self._logits = None
 
     def _capture_tokens(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self._tokens = output
@@ -171,9 +173,18 @@ class MomentProbingHead(nn.Module):
     def _capture_pooled(self, head: nn.Module, args: tuple) -> None:
         self._pooled = args[0]
 
-    def _replace_output(self, model: nn.Module, args: tuple, output):
+    def _run_probe(self, head: nn.Module, args: tuple, output) -> None:
+        """Head hook: the final tokens and the head's input are captured; run the probe (the root hook returns it)."""
         tokens, pooled = self._tokens, self._pooled
-        self._tokens = self._pooled = None
+        if tokens is not None and pooled is not None and tokens.dim() == 3:
+            self._tokens = self._pooled = None
+            self._logits = self(tokens, pooled)
+
+    def _replace_output(self, model: nn.Module, args: tuple, output):
+        logits, tokens, pooled = self._logits, self._tokens, self._pooled
+        self._tokens = self._pooled = self._logits = None
+        if logits is not None:
+            return logits
         if tokens is None or pooled is None or tokens.dim() != 3:
             raise RuntimeError("moment_probing: the forward did not produce the final tokens (B, N, D) and the "
                                "classifier head's input it reads; was the host's forward changed?")

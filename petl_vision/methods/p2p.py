@@ -211,7 +211,8 @@ class P2PProjector(nn.Module):
 
     def forward(self, points: torch.Tensor, rotations: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised images (B * V, 3, H, W) for the image model."""
-        return (self.colour(points, rotations, scale) - self.mean) / self.std
+        images = self.colour(points, rotations, scale)
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)  # in the autocast dtype under autocast
 
     def points_to_images(self, model: nn.Module, args: tuple):
         """Pre-hook of the image model: points (B, N, 3) -> images (B * V, 3, H, W)."""
