@@ -184,3 +184,77 @@ def test_erase_concept_command_line():
     for bad in (["--data", "d"], ["--method", "lora"], ["--merge"], ["--max-steps", "1.5"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
+
+
+@pytest.mark.parametrize("value", ["1e3", "1.0e-3", "-2E+5", ".5e1"])
+def test_strings_that_read_as_floats_stay_strings(value):
+    text = format_override("concept", value)
+    assert text == f"concept='{value}'" and parse_override(text) == (["concept"], value)
+
+
+def test_floats_in_exponent_form_everywhere(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("optim: {lr: 1e-3, betas: [9e-1, 0.99]}\nmethod: {name: lora, r: 4, alpha: 8e0}\nsched: {min_lr: 1E-6}\n")
+    cfg = load_config(config, ["optim.weight_decay=5e-5"])
+    assert (cfg.optim.lr, cfg.optim.betas, cfg.sched.min_lr, cfg.optim.weight_decay) == (1e-3, [0.9, 0.99], 1e-6, 5e-5)
+    assert cfg.method.overrides == {"r": 4, "alpha": 8.0}
+    diffusion = load_diffusion_config(None, ["method.threshold=1e-3", "lr=2e-4", "adam_eps=1e-8"])
+    assert (diffusion.method.overrides["threshold"], diffusion.lr, diffusion.adam_eps) == (1e-3, 2e-4, 1e-8)
+    assert load_erase_config(None, ["concept=x", "lr=3e-4"]).lr == 3e-4
+
+
+@pytest.mark.parametrize("loader, item, message", [
+    (load_config, "optim.lr=0", r"optim\.lr must be a finite number > 0, got 0\.0"),
+    (load_config, "optim.lr=inf", r"optim\.lr must be a finite number > 0, got inf"),
+    (load_config, "optim.momentum=1", r"optim\.momentum must be a number in \[0, 1\), got 1\.0"),
+    (load_config, "optim.weight_decay=-1", r"optim\.weight_decay must be a finite number >= 0"),
+    (load_config, "optim.betas=[0.9, 0.999, 0.9]", r"optim\.betas must be a list of two numbers"),
+    (load_config, "optim.betas=[0.9, x]", r"optim\.betas\[1\] must be float, got 'x'"),
+    (load_config, "label_smoothing=-0.1", r"label_smoothing must be a number in \[0, 1\]"),
+    (load_config, "clip_grad_norm=0", r"clip_grad_norm must be a finite number > 0"),
+    (load_config, "sched.warmup_epochs=-1", r"sched\.warmup_epochs must be a finite number >= 0"),
+    (load_config, "data.test_fraction=1", r"data\.test_fraction must be a number in \(0, 1\)"),
+    (load_config, "mixed_precision=fp8", r"mixed_precision must be one of no, fp16, bf16, got 'fp8'"),
+    (load_config, "optim.name=adam", r"optim\.name must be one of adamw, sgd, got 'adam'"),
+    (load_config, "sched.name=linear", r"sched\.name must be one of cosine, constant"),
+    (load_diffusion_config, "lr=-1e-4", r"override 'lr=-1e-4': lr must be a finite number > 0"),
+    (load_diffusion_config, "adam_betas=[0.9, 1.0]", r"adam_betas must be a number in \[0, 1\) each"),
+    (load_diffusion_config, "max_grad_norm=-1", r"max_grad_norm must be a finite number >= 0"),
+    (lambda path, items: load_erase_config(path, ["concept=x", *items]), "lr=nan", r"lr must be a finite number > 0, got nan"),
+])
+def test_values_are_range_checked_at_load_time(loader, item, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        loader(None, [item])
+    assert str(err.value).startswith(f"override {item!r}: ")  # named where the user wrote it
+
+
+def test_config_files_that_are_not_yaml(tmp_path):
+    (tmp_path / "bad.yaml").write_text("optim:\n  lr: 0.1\n lr: 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML \(.* at line 3, column 2\)"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "bin.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(ConfigError, match=r"bin\.yaml: not a text file \(byte 0 is not UTF-8\)"):
+        load_config(tmp_path / "bin.yaml")
+    with pytest.raises(ConfigError, match=r"config file is a directory: .* \(expected a YAML file"):
+        load_config(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"output_dir .*file is a file; expected a folder"):
+        load_config(None, [f"output_dir={tmp_path / 'file'}"])
+
+
+def test_overwrite_reaches_trainers_that_take_it():
+    from petl_vision.train.cli import trainer_options
+
+    args, _ = parse_training_args(training_parser("t", "c"), ["--config", "c.yaml", "--overwrite", "--resume"])
+    assert args.overwrite is True and args.debug is False
+
+    def new_trainer(cfg, resume=None, overwrite=False):
+        pass
+
+    def old_trainer(cfg, resume=None):
+        pass
+
+    assert trainer_options(new_trainer, args) == {"resume": True, "overwrite": True}
+    assert trainer_options(old_trainer, args) == {"resume": True}
+    args, _ = parse_training_args(training_parser("t", "c"), ["--config", "c.yaml"])
+    assert trainer_options(new_trainer, args) == {"resume": None}

@@ -4,7 +4,7 @@ import pytest
 import timm
 from PIL import Image
 
-from petl_vision.data import DataError, ImageFolder, VTABList, build_datasets, build_transform, load_digits_splits
+from petl_vision.data import DataError, ImageFolder, VTABList, build_datasets, build_transform, load_digits_splits, load_rgb
 
 
 def write_png(path, value=0):
@@ -155,7 +155,62 @@ def test_missing_image(tmp_path):
 
 
 def test_mismatched_class_folders(tmp_path):
-    make_folder(tmp_path / "train")
-    make_folder(tmp_path / "val", classes=("cat", "dog"))
-    with pytest.raises(DataError, match="class folders differ"):
+    make_folder(tmp_path / "train", per_class=1)
+    make_folder(tmp_path / "val", classes=("cat", "dog", "eagle"), per_class=1)
+    with pytest.raises(DataError, match=r"class folders differ.*only in train/: 'emu'; only in val/: 'eagle'"):
         build_datasets({"kind": "imagefolder", "root": str(tmp_path)}, tiny_vit())
+    make_folder(tmp_path / "val", classes=("emu",), per_class=1)
+    with pytest.raises(DataError, match=r"only in train/: none; only in val/: 'eagle'"):
+        build_datasets({"kind": "imagefolder", "root": str(tmp_path)}, tiny_vit())
+
+
+def test_hidden_files_and_folders_are_skipped(tmp_path):
+    root = make_folder(tmp_path / "train", classes=("cat", "dog"), per_class=2)
+    write_png(root / "cat" / ".ipynb_checkpoints" / "0-checkpoint.png")
+    write_png(root / "cat" / ".hidden.png")
+    write_png(root / "dog" / "sub" / ".cache" / "x.png")
+    write_png(root / "dog" / "sub" / "2.png")  # a visible sub-folder still counts
+    write_png(root / ".ipynb_checkpoints" / "0.png")  # a hidden class folder
+    (root / ".DS_Store").write_bytes(b"\x00\x01")
+    (root / "cat" / ".DS_Store").write_bytes(b"\x00\x01")
+    ds = ImageFolder(root)
+    assert ds.classes == ["cat", "dog"]
+    assert sorted(str(p.relative_to(root)) for p, _ in ds.samples) == ["cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png", "dog/sub/2.png"]
+
+
+def test_hidden_captioned_images_are_skipped(tmp_path):
+    from petl_vision.data.captions import read_captions
+
+    write_png(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a square")
+    write_png(tmp_path / ".ipynb_checkpoints" / "a-checkpoint.png")  # no caption: would be refused if it were read
+    (tmp_path / ".ipynb_checkpoints" / "metadata.jsonl").write_text('{"file_name": "missing.png", "text": "x"}\n')
+    assert [(p.name, c) for p, c in read_captions(tmp_path)] == [("a.png", ["a square"])]
+
+
+def test_worker_error_is_one_line_naming_the_file(tmp_path):
+    from torch.utils.data import DataLoader
+
+    root = make_folder(tmp_path / "train", classes=("cat",), per_class=1)
+    (root / "cat" / "bad.png").write_bytes(b"not a png")
+    loader = DataLoader(ImageFolder(root, transform=build_transform(tiny_vit(), train=False)), batch_size=2, num_workers=1)
+    with pytest.raises(DataError) as err:
+        next(iter(loader))
+    message = str(err.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith(f"cannot read image {root / 'cat' / 'bad.png'}") and message.endswith("(in DataLoader worker process 0)")
+
+
+def test_decompression_bomb_is_a_data_error(tmp_path):
+    from test_script_errors import bomb_png
+
+    bomb_png(tmp_path / "bomb.png")
+    with pytest.raises(DataError, match=r"bomb\.png is too large to open safely.*MAX_IMAGE_PIXELS"):
+        load_rgb(tmp_path / "bomb.png")
+
+
+def test_binary_list_file(tmp_path):
+    task_dir = make_vtab(tmp_path)
+    (task_dir / "test.txt").write_bytes(bytes(range(128, 256)))
+    with pytest.raises(DataError, match=r"test\.txt: not a text file"):
+        VTABList(tmp_path, "cifar", "test")
