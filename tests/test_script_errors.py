@@ -238,3 +238,13 @@ def test_real_script_debug_shows_the_traceback(processes):
 def test_python_is_the_project_venv():
     assert PYTHON.is_file(), f"expected the project's virtual environment at {PYTHON}"
     assert sys.version_info >= (3, 10)
+
+
+def test_a_second_run_into_a_folder_is_refused_until_overwrite(files, capsys):
+    main = load_script("train_classifier").main
+    argv = ["--config", str(files / "tiny.yaml"), "--output-dir", str(files / "runs" / "twice")]
+    assert run_in_process(capsys, "train_classifier", argv)[0] == 0
+    status, stderr = run_in_process(capsys, "train_classifier", [*argv, "seed=1"])
+    assert_one_error_line(status, stderr, "twice", "--overwrite")
+    assert run_cli(main, [*argv, "seed=1", "--overwrite"]) == 0
+    assert "seed: 1" in (files / "runs" / "twice" / "config.yaml").read_text()

@@ -109,6 +109,8 @@ class TrainConfig:
     merge: bool = False  # also write merged.safetensors when the methods can be merged
     progress: bool = True  # tqdm bar (shown only on a TTY)
     feature_cache: bool = True  # side networks (lst, unipt) without augmentation: cache backbone features on disk
+    overwrite: bool = False  # replace the run output_dir holds (--overwrite); else such an output_dir is refused
+    log_with: str | None = None  # Accelerate trackers, comma-separated (tensorboard, wandb, ...); None: metrics.jsonl only
 
 
 SECTIONS = {"data": DataConfig, "method": MethodSection, "optim": OptimConfig, "sched": SchedConfig}
