@@ -181,6 +181,10 @@ def test_debug_flag_and_environment_show_the_traceback(files, monkeypatch):
     assert run_cli(main, ["--config", str(files / "malformed.yaml")]) == 2
 
 
+def test_exit_status_of_main_is_kept():
+    assert run_cli(lambda argv: 1, []) == 1 and run_cli(lambda argv: {"steps": 3}, []) == 0 and run_cli(lambda argv: None, []) == 0
+
+
 def test_bugs_are_not_hidden():
     def buggy(argv):
         raise AttributeError("a bug")

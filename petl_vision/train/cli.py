@@ -91,7 +91,8 @@ def error_message(err: BaseException) -> str:
 
 
 def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> int:
-    """Call `main(argv)` (default: sys.argv[1:]); the exit status: 0, or 2 after one `error:` line on stderr.
+    """Call `main(argv)` (default: sys.argv[1:]); the exit status: main's own when it returns an int (else 0),
+    or 2 after one `error:` line on stderr.
 
     A USER_ERRORS exception is printed as `error: <message>` (error_message), unless `--debug` is among
     the arguments or PETL_VISION_DEBUG=1: then it propagates with its traceback. Other exceptions
@@ -99,13 +100,13 @@ def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = No
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        main(argv)
+        result = main(argv)
     except USER_ERRORS as err:
         if debug_requested(argv):
             raise
         print(f"error: {error_message(err)}", file=sys.stderr, flush=True)
         return USER_ERROR_STATUS
-    return 0
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 def trainer_options(trainer: Callable, args: argparse.Namespace) -> dict:
