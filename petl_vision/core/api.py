@@ -5,6 +5,7 @@ import dataclasses
 
 from torch import nn
 
+from .distributed import numel_by_param, sharding, unwrap
 from .errors import MergeError, UnsupportedHostError
 from .registry import MethodConfig, get_method, make_config
 from .state import STATE_NAME, AppliedMethod, PetlState, get_state
@@ -110,20 +111,27 @@ class Summary:
 
 
 def summary(model: nn.Module) -> Summary:
-    """Trainable and total parameter counts, per method. Works on any module."""
+    """Trainable and total parameter counts, per method. Works on any module; on a model sharded
+    by FSDP the counts are global (those of the unsharded model), on every rank, with no collective."""
+    model = unwrap(model)  # DDP / DataParallel
     params = list(model.parameters())
+    fsdp1_numel = numel_by_param(model)  # FSDP1's original parameters are local pieces
+
+    def numel(p) -> int:
+        return fsdp1_numel.get(id(p), p.numel())  # a DTensor's numel is the global one
+
     state = get_state(model)
     by_method, added, notes = {}, {}, {}
     seen: set[int] = set()
     for applied in state.applied if state else []:
         owned = [p for p in applied.added + applied.unfrozen if p.requires_grad and id(p) not in seen]
         seen |= {id(p) for p in owned}
-        by_method[applied.name] = sum(p.numel() for p in owned)
-        added[applied.name] = sum(p.numel() for p in applied.added)
+        by_method[applied.name] = sum(numel(p) for p in owned)
+        added[applied.name] = sum(numel(p) for p in applied.added)
         notes[applied.name] = get_method(applied.name).summary_note(model, applied.config)
     return Summary(
-        total=sum(p.numel() for p in params),
-        trainable=sum(p.numel() for p in params if p.requires_grad),
+        total=sum(numel(p) for p in params),
+        trainable=sum(numel(p) for p in params if p.requires_grad),
         by_method=by_method,
         added=added,
         host_class=type(model).__name__,
@@ -144,6 +152,10 @@ def merge(model: nn.Module) -> nn.Module:
     outputs (to float tolerance). Methods are merged last-applied first. Refuses, before changing
     anything, when a method cannot be merged (VPT and the side networks change the architecture).
     """
+    kind = sharding(model)
+    if kind is not None:
+        raise MergeError(f"merge: the model is sharded ({kind.upper()}); gather first: pv.save_adapter(model, dir) on every "
+                         "rank, then on one process pv.load_adapter(<unsharded host>, dir) and pv.merge that model")
     state = get_state(model)
     if state is None:
         raise MergeError("merge: no petl_vision method is applied to this model")

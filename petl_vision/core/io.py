@@ -45,6 +45,7 @@ from torch import nn
 from . import peft_format
 from .adapter_schema import check_meta, method_configs
 from .api import _apply, summary
+from .distributed import clean_name, full_tensor, refuse_sharded, run_on_rank0, sharding, unwrap
 from .errors import AdapterFileError, AdapterMismatchError
 from .hub import is_repo_id, resolve_dir, upload_folder
 from .model_card import base_model_id, base_model_info, model_card
@@ -61,22 +62,28 @@ _STALE_TMP_SECONDS = 3600
 _HUB_KWARGS = {"revision", "private", "token", "commit_message", "create_pr"}
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors an adapter holds: trainable parameters and buffers of non-frozen modules."""
+def adapter_state_dict(model: nn.Module, *, named: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors an adapter holds: trainable parameters and buffers of non-frozen modules.
+
+    On an FSDP2 model the values are DTensors (shards); `named=True` reads them from the modules
+    instead of `state_dict` (inside FSDP1's `summon_full_params`, where only those are whole).
+    """
     state = get_state(model)
     if state is None:
         raise ValueError("no petl_vision method is applied to this model; call pv.apply first")
     frozen = state.frozen_module_ids()
-    keep: set[str] = set()
+    keep: dict[str, torch.Tensor] = {}
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         for name, param in module.named_parameters(recurse=False):
             if param.requires_grad:
-                keep.add(prefix + name)
+                keep[prefix + name] = param
         if id(module) not in frozen:
             for name, buf in module.named_buffers(recurse=False):
                 if buf is not None and name not in module._non_persistent_buffers_set:
-                    keep.add(prefix + name)
+                    keep[prefix + name] = buf
+    if named:
+        return keep
     return {k: v for k, v in model.state_dict(keep_vars=True).items() if k in keep}
 
 
@@ -96,7 +103,27 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, metrics: dic
         raise TypeError(f"save_adapter: unexpected argument(s) {unknown or sorted(hub_kwargs)}; "
                         f"with push_to_hub='namespace/name' it takes {sorted(_HUB_KWARGS)}")
     directory = Path(directory)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
+    model = unwrap(model)
+    kind = sharding(model)
+    tensors = _gathered_adapter_tensors(model, kind)
+    if kind is None:
+        return _write_adapter(model, directory, tensors, metrics, base_model, push_to_hub, hub_kwargs)
+    # sharded: every rank gathered (collectives); rank 0 writes, the others wait for the file
+    run_on_rank0(lambda: _write_adapter(model, directory, tensors, metrics, base_model, push_to_hub, hub_kwargs))
+    return directory
+
+
+def _gathered_adapter_tensors(model: nn.Module, kind: str | None) -> dict[str, torch.Tensor]:
+    """adapter_state_dict's tensors, whole and on the CPU. On a sharded model every rank must call it."""
+    if kind == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        with FSDP.summon_full_params(model, writeback=False):
+            return {clean_name(k): v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, named=True).items()}
+    # FSDP2: keys are the unsharded ones; a DTensor is gathered in key order (the same on every rank)
+    return {k: full_tensor(v.detach()).to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
+
+
+def _write_adapter(model, directory: Path, tensors, metrics, base_model, push_to_hub, hub_kwargs) -> Path:
     state = get_state(model)
     if isinstance(base_model, str):
         base_model = {"name": base_model, **({"hf_hub_id": base_model} if is_repo_id(base_model) else {})}
@@ -155,6 +182,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, revision: str | N
     those the methods create. Any failure raises an error naming the file and what is wrong.
     """
     path = Path(path)
+    refuse_sharded(model, f"load_adapter({path})", "load the adapter onto the model before sharding it "
+                   "(fully_shard / FullyShardedDataParallel / accelerator.prepare), then shard")
     if not path.exists() and is_repo_id(str(path)):
         path = resolve_dir(str(path), revision=revision, allow_patterns=_HUB_FILES)
     configs, host, tensors, source = read_adapter(path)

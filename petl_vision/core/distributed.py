@@ -1,0 +1,127 @@
+"""The core on sharded models: FSDP2 (`fully_shard`, DTensor parameters) and FSDP1 (`use_orig_params=True`).
+
+What works (tested on CPU with 2 gloo processes, see tests/test_fsdp.py):
+- `save_adapter` called on every process gathers the trainable tensors (FSDP2:
+  `DTensor.full_tensor()`; FSDP1: `summon_full_params`) and writes one adapter on rank 0, the same
+  file an unsharded save of the same weights writes; every rank returns after the file exists
+  (an error on rank 0 is raised on every rank).
+- `summary` counts global numbers (FSDP2: a DTensor's numel is the global one; FSDP1: the original
+  shapes recorded in each flat parameter).
+- `merge` refuses: gather first (save the adapter, load it onto an unsharded host, merge there).
+- `load_adapter` onto a model before it is sharded; onto a sharded model it refuses.
+
+DDP and Accelerate wrappers (`.module`) are unwrapped; their parameters are whole, so saving on
+rank 0 alone (as usual) is enough, and nothing here runs a collective for them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+FSDP1_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _dtensor_cls():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed support
+        return None
+    return DTensor
+
+
+def _fsdp1_cls():
+    if not dist.is_available():
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    return FullyShardedDataParallel
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel (Accelerate's `prepare` wraps with these)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def is_dtensor(tensor) -> bool:
+    cls = _dtensor_cls()
+    return cls is not None and isinstance(tensor, cls)
+
+
+def is_fsdp1(model: nn.Module) -> bool:
+    cls = _fsdp1_cls()
+    return cls is not None and any(isinstance(m, cls) for m in model.modules())
+
+
+def sharding(model: nn.Module) -> str | None:
+    """"fsdp2" when a parameter is a DTensor, "fsdp1" when a module is FullyShardedDataParallel, else None."""
+    if is_fsdp1(model):
+        return "fsdp1"
+    if any(is_dtensor(p) for p in model.parameters()):
+        return "fsdp2"
+    return None
+
+
+def clean_name(name: str) -> str:
+    """A state_dict / parameter name without FSDP1's wrapper prefixes."""
+    for prefix in FSDP1_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The global tensor of a DTensor (a collective: every rank calls it); any other tensor as is."""
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor; any other tensor as is."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def numel_by_param(model: nn.Module) -> dict[int, int]:
+    """id(parameter) -> global number of elements, for the original parameters of FSDP1 flat
+    parameters (their local views hold only this rank's piece). Empty for other models."""
+    cls = _fsdp1_cls()
+    counts: dict[int, int] = {}
+    if cls is None:
+        return counts
+    for module in model.modules():
+        handle = getattr(module, "_handle", None) if isinstance(module, cls) else None
+        if handle is not None:  # FlatParameter: _params (use_orig_params=True) and their unsharded _numels
+            flat = handle.flat_param
+            for param, numel in zip(getattr(flat, "_params", None) or [], flat._numels):
+                counts[id(param)] = int(numel)
+    return counts
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def run_on_rank0(fn):
+    """`fn()` on rank 0 while the other ranks wait; its error, if any, is raised on every rank.
+    Returns fn's result on rank 0, None elsewhere."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn()
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except BaseException as e:  # sent to the other ranks, then raised here too
+            error = e
+    message = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise RuntimeError(f"rank 0 failed: {message[0]}")
+    return result
+
+
+def refuse_sharded(model: nn.Module, what: str, advice: str) -> None:
+    """Raise a ValueError naming `what` when `model` is sharded by FSDP."""
+    kind = sharding(model)
+    if kind is not None:
+        raise ValueError(f"{what}: the model is sharded ({kind.upper()}); {advice}")
