@@ -323,3 +323,31 @@ def test_training_hooks_call_the_r_amt_terms():
         assert torch.equal(p.grad, e)
     plain = [g.clone() for g in torch.autograd.grad(loss_and_logits()[0], params)]
     assert any(not torch.equal(g, e) for g, e in zip(plain, expected))  # lambda 1 dropped some entries
+
+
+def test_masked_weight_in_the_autocast_dtype_with_exact_gradients():
+    """Under bf16 autocast the parametrization yields W * mask in bf16 directly (what the matmul's cast
+    would give, bit for bit), and the scores' gradient is exactly grad(W_eff) * W in fp32."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    pv_layer = copy.deepcopy(layer)
+    mask = mt.BinaryMask(pv_layer.weight.detach(), 1e-2, 5e-3)
+    with torch.no_grad():
+        mask.score[::3] = 0.0  # a third of the rows masked off
+    parametrize.register_parametrization(pv_layer, "weight", mask)
+    pv_layer.requires_grad_(False)
+    mask.score.requires_grad_(True)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pv_layer.weight.dtype == torch.bfloat16
+        out = pv_layer(x)
+    out.float().square().sum().backward()
+    keep = (mask.score > 5e-3).float()
+    w_eff = (layer.weight.detach() * keep).to(torch.bfloat16).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.linear(x, w_eff, layer.bias.detach())
+    ref.float().square().sum().backward()
+    assert torch.equal(out, ref)
+    assert mask.score.grad.dtype == torch.float32
+    assert torch.equal(mask.score.grad, w_eff.grad.float() * layer.weight.detach())
+    assert pv_layer.weight.dtype == torch.float32  # no autocast: the fp32 masked weight

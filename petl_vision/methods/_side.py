@@ -53,7 +53,7 @@ def pool_kind(model: nn.Module, host: TokenHost) -> str:
 def autocast_input(x: torch.Tensor) -> torch.Tensor:
     """x in the autocast dtype of its device when autocast is on (and x is floating), else x."""
     device = x.device.type
-    if x.is_floating_point() and torch.is_autocast_enabled(device):
+    if x.is_floating_point() and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return x.to(torch.get_autocast_dtype(device))
     return x
 

@@ -92,8 +92,43 @@ class _Binarize(torch.autograd.Function):
         return grad, None
 
 
+class _MaskWeight(torch.autograd.Function):
+    """W * (score > threshold) in one step, in `dtype`, with the straight-through gradient:
+    d score = grad * W (d mask / d score = 1), and d W = grad * mask when W requires grad (under SSF).
+
+    Saves no activation: W is the stored weight (or SSF's scaled weight), the mask is recomputed."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, score: torch.Tensor, threshold: float, dtype: torch.dtype) -> torch.Tensor:
+        ctx.threshold = threshold
+        ctx.save_for_backward(weight, score)
+        return torch.where(score > threshold, weight.to(dtype), 0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, score = ctx.saved_tensors
+        grad_weight = grad_score = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = torch.where(score > ctx.threshold, grad, 0).to(weight.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_score = (grad * weight).to(score.dtype)  # in the weight's precision (fp32 under autocast)
+        return grad_weight, grad_score, None, None
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for the weight's device (matmuls and convs would cast
+    the masked weight to it anyway), else the weight's dtype."""
+    device = weight.device.type
+    if weight.is_floating_point() and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
 class BinaryMask(nn.Module):
-    """Parametrization W -> W * (score > threshold); `score` has W's shape."""
+    """Parametrization W -> W * (score > threshold); `score` has W's shape.
+
+    Under autocast the masked weight comes out in the autocast dtype directly (one kernel; the
+    cast a matmul would do anyway), and nothing is kept for backward but W and the scores."""
 
     def __init__(self, weight: torch.Tensor, score_init: float, threshold: float, param_order: tuple[str, ...] = ()):
         super().__init__()
@@ -105,7 +140,7 @@ class BinaryMask(nn.Module):
         return _Binarize.apply(self.score, self.threshold)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask().to(weight.dtype)
+        return _MaskWeight.apply(weight, self.score, self.threshold, _compute_dtype(weight))
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.score.shape)}, threshold={self.threshold}"
