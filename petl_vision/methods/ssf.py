@@ -113,12 +113,12 @@ class ScaleShift(torch.autograd.Function):
     autocast), cast to y's dtype at use as autocast casts a matmul's weight; their gradients come
     back in their own dtype, reduced in fp32.
 
-    keep_output=True saves z only: the next layer usually keeps z itself (attention keeps q, k, v;
-    the MLP's activation keeps its input), so SSF then adds no activation memory of its own, and
-    the scale's gradient is recovered from z: sum(g * y) = (sum(g * z) - shift * sum(g)) / scale.
-    A channel whose scale is exactly 0 has lost y: its scale gets a zero gradient there (use
-    save_output=False for autograd's). keep_output=False saves y (needed where the next op may
-    overwrite z in place).
+    keep_output=True saves z only, for layers whose next op keeps z itself (attention keeps q, k, v;
+    the MLP's activation keeps its input), so SSF then adds no activation memory of its own; the
+    scale's gradient is recovered from z: sum(g * y) = (sum(g * z) - shift * sum(g)) / scale. A
+    channel whose scale is exactly 0 has lost y: its scale gets a zero gradient there (autograd's
+    with SSFConfig.save_output=False). keep_output=False saves y (exact; needed where the next op
+    may overwrite z in place).
     """
 
     @staticmethod
