@@ -193,7 +193,10 @@ def find_checkpoint(path: str | Path, prefix: str = "epoch") -> Path:
         raise CheckpointError(f"resume: {path} is not a complete checkpoint (no {COMPLETE}); pickle files are not loaded")
     found = complete_checkpoints(path / "checkpoints", prefix)
     if not found:
-        raise FileNotFoundError(f"resume: no complete checkpoint in {path} (expected {path}/checkpoints/{prefix}_<n>/{COMPLETE})")
+        partial = [p.name for p in (path / "checkpoints").glob(f"{prefix}_*")]
+        why = (f"; {', '.join(sorted(partial))} lack {COMPLETE} (interrupted saves, or an older petl_vision's pickle checkpoints, "
+               "which are not loaded)") if partial else ""
+        raise FileNotFoundError(f"resume: no complete checkpoint in {path} (expected {path}/checkpoints/{prefix}_<n>/{COMPLETE}){why}")
     return found[-1]
 
 
