@@ -12,6 +12,8 @@
 
 Inputs: latents (B, 4, S, S), timesteps (B,) in [0, 1000), text states (B, 77, cross_attention_dim),
 all standard-normal; the loss is the MSE between the UNet output and a noise target (B, 4, S, S).
+Inference on a UNet with SPM membranes runs them live as Facilitated Transport does inside a
+pipeline call: with per-sample strengths (B,) set (all 1, so the merged UNet gives the same output).
 """
 from __future__ import annotations
 
@@ -76,4 +78,17 @@ class DiffusersUNet(Workload):
 
     def infer(self, model, batch):
         latents, timesteps, text, _ = batch
+        set_transport_strengths(model, latents.shape[0])
         return model(latents, timesteps, text).sample
+
+
+def set_transport_strengths(model: nn.Module, batch_size: int) -> None:
+    """Per-sample membrane strengths (B,) of 1, as `pv.diffusers` transport sets them (CPU tensors)."""
+    from ..methods.spm import has_spm, spm_module
+
+    model = getattr(model, "_orig_mod", model)  # under torch.compile
+    if has_spm(model):
+        spm = spm_module(model)
+        if spm.strengths is None:
+            with torch.inference_mode(False):  # transport computes them outside the pipeline's no-grad forward
+                spm.strengths = {name: torch.ones(batch_size) for name in spm.membranes}

@@ -1,6 +1,8 @@
 """The default workload: a timm image classifier trained with cross-entropy on random images."""
 from __future__ import annotations
 
+import difflib
+
 import timm
 import torch
 from torch import nn
@@ -24,6 +26,10 @@ class TimmClassifier(Workload):
     input_kind = "image"
 
     def build_model(self) -> nn.Module:
+        if not timm.is_model(self.model):
+            close = difflib.get_close_matches(self.model, timm.list_models(), n=3, cutoff=0.7)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; timm.list_models('*vit*') lists them"
+            raise ValueError(f"unknown timm model {self.model!r}{hint}")
         return timm.create_model(self.model, pretrained=False, num_classes=self.num_classes, **self.model_kwargs)
 
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
