@@ -416,8 +416,8 @@ def _interval(lo, hi, lo_open=False, hi_open=False):
 
 POSITIVE, NON_NEGATIVE, FRACTION = _interval(0, None, lo_open=True), _interval(0, None), _interval(0, 1)
 BETA = _interval(0, 1, hi_open=True)
-# The range of every numeric field, by its dotted key (any trainer's config: classifier, CLIP,
-# point cloud, diffusion, erasure); the last part alone (`lr`) also matches top-level keys.
+# The range of every numeric field by its name, the last part of its dotted key (`optim.lr` and the
+# diffusion trainers' `lr` alike), in any trainer's config: classifier, CLIP, point cloud, diffusion, erasure.
 RANGES = {
     "lr": POSITIVE, "min_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "momentum": BETA,
     "betas": BETA, "adam_betas": BETA, "adam_eps": POSITIVE, "label_smoothing": FRACTION,
@@ -437,7 +437,7 @@ KEY_CHOICES = {"mixed_precision": ("no", "fp16", "bf16"), "optim.name": ("adamw"
                "optim.lr_scaling": ("none", "linear256"), "sched.name": ("cosine", "constant")}
 
 
-def check_range(value, source: str, key: str) -> None:
+def check_value(value, source: str, key: str) -> None:
     """ConfigError naming `source` and `key` when a number (or each number of a list) is outside RANGES[key],
     a string is not one of KEY_CHOICES[key], or output_dir is an existing file."""
     if key in KEY_CHOICES and value is not None and value not in KEY_CHOICES[key]:
@@ -458,12 +458,12 @@ def check_range(value, source: str, key: str) -> None:
 
 
 def coerce(value, tp, source: str, key: str):
-    """`value` converted to type `tp` and range-checked (RANGES); ConfigError naming `source` and `key`.
+    """`value` converted to type `tp` and checked (check_value: RANGES, KEY_CHOICES); ConfigError naming `source` and `key`.
 
     Strings that read as numbers (`1e-3`, `nan`) are accepted for float fields; `Any` accepts every value.
     """
     value = _coerce(value, tp, source, key)
-    check_range(value, source, key)
+    check_value(value, source, key)
     return value
 
 
