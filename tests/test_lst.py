@@ -25,9 +25,13 @@ def assert_backbone_out_of_backward(model, x):
     for block in token_host(model).blocks:  # mark the time spent inside backbone blocks
         block.register_forward_pre_hook(lambda mod, args: inside.__setitem__(0, inside[0] + 1))
         block.register_forward_hook(lambda mod, args, out: inside.__setitem__(0, inside[0] - 1))
+    side = [0]  # and inside the side network's modules (which read each block's output in its hook)
+    for m in model.petl.modules():
+        m.register_forward_pre_hook(lambda mod, args: side.__setitem__(0, side[0] + 1))
+        m.register_forward_hook(lambda mod, args, out: side.__setitem__(0, side[0] - 1))
 
     def pack(t):
-        if inside[0]:
+        if inside[0] and not side[0]:
             saved.append(tuple(t.shape))
         return t
 
@@ -242,3 +246,21 @@ def test_on_the_clip_classifier():
     torch.testing.assert_close(clf.petl.lst.head.weight, head.weight * head.logit_scale.exp())
     with pytest.raises(pv.UnsupportedHostError, match="needs a classifier with a head"):
         pv.apply(tiny_clip().visual, "lst")
+
+
+@pytest.mark.parametrize("method,config", [("lst", {"layers": (1,)}), ("unipt", {})])
+def test_hidden_states_are_projected_as_their_block_finishes(method, config):
+    """The side network keeps its narrow projection of each hidden state (LST's ladder, UniPT's layer),
+    not the backbone's (B, N, D) fp32 state, while the backbone runs; LST drops unused layers'."""
+    model = pv.apply(make_host("vit"), method, **config).train()
+    side = getattr(model.petl, method)
+    kept = []
+    token_host(model).blocks[-1].register_forward_hook(lambda m, a, o: kept.append([None if t is None else tuple(t.shape) for t in side._captured]))
+    x = input_for("vit")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    n = model.patch_embed.num_patches + model.num_prefix_tokens
+    width = 32 // 8 if method == "lst" else 32 // 2  # D / reduction
+    expected = [(2, n, width), None, (2, n, width)] if method == "lst" else [(2, n, width)] * 3
+    assert kept == [expected]
+    assert out.dtype == torch.bfloat16 and side._captured == []

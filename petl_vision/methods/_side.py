@@ -120,7 +120,8 @@ def make_head(model: nn.Module, host: TokenHost) -> tuple[nn.Module, int]:
 class SideNetwork(nn.Module):
     """Base of side networks. Subclasses define `forward(hidden, pooled) -> logits`.
 
-    hidden: L + 1 tensors (B, N, D) (embedding output, then every block's output), detached.
+    hidden: L + 1 entries, `read(i, t)` of the detached hidden states t (B, N, D) (embedding output,
+        then every block's output).
     pooled: (B, D) input of the host's classifier head, or None when the host has none.
     """
 
@@ -174,13 +175,27 @@ class SideNetwork(nn.Module):
         detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
         return tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()}
 
+    def read(self, index: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Hidden state `index` (B, N, D), detached, as the side network takes it in `forward`.
+
+        Called as soon as its block has run, so a subclass that projects it here (LST's ladders,
+        UniPT's layer projections) lets the backbone's fp32 hidden state go at once instead of holding
+        L + 1 of them to the end of the backbone; None drops a state the side network does not read.
+        """
+        return hidden
+
+    def _capture(self, hidden: torch.Tensor) -> None:
+        hidden = hidden.detach()
+        self._captured.append(hidden if self._capture_only else self.read(len(self._captured), hidden))
+
     def _capture_embedding(self, block: nn.Module, args: tuple):
         if self.enabled:
-            self._captured = [args[0].detach()]
+            self._captured = []
+            self._capture(args[0])
 
     def _capture_block(self, block: nn.Module, args: tuple, output: torch.Tensor):
         if self.enabled:
-            self._captured.append(output.detach())
+            self._capture(output)
 
     def _capture_pooled(self, head: nn.Module, args: tuple):
         if self.enabled:
@@ -257,4 +272,4 @@ def side_forward_from_cache(model: nn.Module, features: dict[str, torch.Tensor])
     hidden = features["hidden"].to(device=ref.device, dtype=ref.dtype)
     pooled = features.get("pooled")
     pooled = pooled.to(device=ref.device, dtype=ref.dtype) if pooled is not None else None
-    return side(list(hidden.unbind(1)), pooled)
+    return side([side.read(i, t) for i, t in enumerate(hidden.unbind(1))], pooled)

@@ -115,6 +115,7 @@ class LSTSide(SideNetwork):
         layer_scale = getattr(getattr(ref, "ls1", None), "gamma", None) is not None
 
         self.layers = layers
+        self._ladder_of = {0: 0, **{layer + 1: j + 1 for j, layer in enumerate(layers)}}  # hidden index -> ladder
         self.width, self.mlp_hidden, self.num_heads = width, mlp_hidden, heads
         self.temperature = config.gate_temperature
         self.num_prefix_tokens, self.pool = host.num_prefix_tokens, pool_kind(model, host)
@@ -135,13 +136,18 @@ class LSTSide(SideNetwork):
             for module in (self.ladders, self.blocks, self.upsample):
                 module.apply(init_weights_vit_timm)
 
-    def forward(self, hidden: list[torch.Tensor], pooled: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden: L + 1 tensors (B, N, D) -> logits (B, num_classes)."""
-        h = self.ladders[0](hidden[0])
+    def read(self, index: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Hidden state `index` (B, N, D) through its ladder -> (B, N, d); None for blocks without a side layer."""
+        ladder = self._ladder_of.get(index)
+        return self.ladders[ladder](hidden) if ladder is not None else None
+
+    def forward(self, hidden: list[torch.Tensor | None], pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden: L + 1 laddered states (B, N, d) (`read`; None where unused) -> logits (B, num_classes)."""
+        h = hidden[0]
         gates = torch.sigmoid(self.gates / self.temperature).to(h.dtype)  # cast at use: h stays in the autocast dtype
         for j, layer in enumerate(self.layers):
             g = gates[j]
-            h = torch.lerp(self.ladders[j + 1](hidden[layer + 1]), h, g)  # g * h + (1 - g) * ladder
+            h = torch.lerp(hidden[layer + 1], h, g)  # g * h + (1 - g) * ladder
             h = self.blocks[j](h)
         h = pool_tokens(self.norm(h), self.pool, self.num_prefix_tokens)
         return self.head(self.upsample(h))

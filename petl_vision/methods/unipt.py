@@ -82,14 +82,17 @@ class UniPTSide(SideNetwork):
         self.upsample = nn.Sequential(nn.ReLU(), nn.Linear(width, anchor_dim, **kw))
         self.head = head
 
+    def read(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """x_i = Linear_i(ReLU(t_i)): (B, N, D) -> (B, N, d), in the autocast dtype (ReLU commutes with the cast)."""
+        return self.layers[index](autocast_input(hidden))
+
     def forward(self, hidden: list[torch.Tensor], pooled: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden: L + 1 tensors (B, N, D); pooled: (B, D_anchor) raw anchor -> logits (B, C)."""
+        """hidden: L + 1 projected states x_i (B, N, d) (`read`); pooled: (B, D_anchor) raw anchor -> logits (B, C)."""
         if pooled is None:
             raise ValueError("unipt: no raw anchor (the host's classifier-head input) was captured")
         anchor = self.anchor(autocast_input(pooled))  # (B, d); ReLU commutes with the cast
         merged, confidence = [], []
-        for layer, t in zip(self.layers, hidden):
-            x = layer(autocast_input(t))  # (B, N, d)
+        for x in hidden:
             attn = l1norm(torch.relu(torch.einsum("bd,bnd->bn", anchor, x)), dim=-1, eps=self.eps)
             merged.append(torch.einsum("bn,bnd->bd", attn, x) + pool_tokens(x, self.pool, self.num_prefix_tokens))
             confidence.append(self.gate(anchor * x.mean(dim=1)))  # (B, 1)
