@@ -187,3 +187,16 @@ def test_help_example_runs(script, index, world, monkeypatch, capsys, request):
 def test_every_script_has_examples():
     assert {s for s, _ in CASES} == set(SCRIPTS)
     assert all("optim." not in " ".join(help_examples(s)[i]) for s, i in CASES if s in ("finetune_diffusion", "erase_concept"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_the_examples_and_debug(script, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        load_script(script).main(["--help"])
+    text = capsys.readouterr().out
+    assert exit_.value.code == 0 and "--debug" in text and len(help_examples(script)) >= 2
+    assert text.count(f"scripts/{script}.py") == len(help_examples(script))
+    if script != "evaluate_erasure":
+        assert "--overwrite" in text
+    if script in ("finetune_diffusion", "erase_concept"):
+        assert "optim." not in text  # their configs have no optim section (the old help's example was an unknown key)
