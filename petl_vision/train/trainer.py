@@ -129,9 +129,9 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
     pv.apply(model, method_config)
     counts = pv.summary(model)
     accelerator.print(counts)
-    record = {**to_dict(cfg), **(config_record or {})}
-    run.commit(accelerator, yaml.safe_dump(record, sort_keys=False))
-    start_trackers(accelerator, record)
+    run_config = {**to_dict(cfg), **(config_record or {})}
+    run.commit(accelerator, yaml.safe_dump(run_config, sort_keys=False))
+    start_trackers(accelerator, run_config)
 
     cache = None  # side networks (lst, unipt) on data without augmentation, one process, images not needed
     if (built and cfg.feature_cache and not cfg.data.augment and uses_side_network(model) and accelerator.num_processes == 1
