@@ -102,8 +102,11 @@ def _input_in_autocast_dtype(module: nn.Module, args: tuple):
     share that tensor (lora_A keeps it for backward; full fine-tuning keeps the same one).
     """
     x = args[0] if args else None
-    if torch.is_tensor(x) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    if not (torch.is_tensor(x) and x.is_floating_point()):
+        return None
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):  # not on meta tensors
+        dtype = torch.get_autocast_dtype(device)
         if x.dtype != dtype:
             return (x.to(dtype),) + args[1:]
     return None

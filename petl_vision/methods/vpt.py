@@ -63,8 +63,9 @@ def init_bound(patch_size: tuple[int, int], dim: int) -> float:
 
 def _at_use_dtype(t: torch.Tensor) -> torch.Tensor:
     """`t` in the autocast dtype when autocast is on for its device (master weights cast at use)."""
-    if torch.is_autocast_enabled(t.device.type):
-        return t.to(torch.get_autocast_dtype(t.device.type))
+    device = t.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return t.to(torch.get_autocast_dtype(device))
     return t
 
 
