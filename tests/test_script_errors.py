@@ -100,7 +100,7 @@ CASES = {
     "file as output_dir": ("train_classifier", [*CLASSIFIER, "--output-dir", "{root}/a_file"], ["a_file", "is a file"]),
     "resume without config": ("train_classifier", ["--resume"], ["--resume needs --config"]),
     # methods and models
-    "unknown method": ("train_classifier", [*CLASSIFIER, "method=loraa"], ["unknown method 'loraa'", "lora"]),
+    "unknown method": ("train_classifier", [*CLASSIFIER, "method=loraa"], ["override 'method=loraa'", "unknown method 'loraa'", "lora"]),
     "bad method field": ("train_classifier", [*CLASSIFIER, "method=lora", "method.rank=4"], ["method 'lora'", "rank"]),
     "method does not fit": ("train_classifier", [*CLASSIFIER, "method=spm"], ["spm"]),
     "unknown timm model": ("train_classifier", [*CLASSIFIER, "model=vit_tiny_patch16_2244"], ["vit_tiny_patch16_2244", "not a timm model",
@@ -118,7 +118,7 @@ CASES = {
     "point unknown key": ("train_pointcloud", ["--config", ROOT / "configs/pointcloud_synthetic_idpt.yaml", "data.num_point=8"],
                           ["data.num_point"]),
     "point unknown method": ("train_pointcloud", ["--config", ROOT / "configs/pointcloud_synthetic_idpt.yaml", "method=idtp"],
-                             ["unknown method 'idtp'"]),
+                             ["override 'method=idtp'", "unknown method 'idtp'"]),
     "point missing data": ("train_pointcloud", ["--config", ROOT / "configs/modelnet40_idpt.yaml", "data.root={root}/nope"], ["nope"]),
     "point bad augment": ("train_pointcloud", ["--config", ROOT / "configs/pointcloud_synthetic_idpt.yaml", "data.augment=[flip]"],
                           ["data.augment", "flip", "rotate"]),

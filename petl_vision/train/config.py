@@ -271,7 +271,19 @@ def apply_override(raw: dict, item: str) -> dict:
     tp = _override_type(path)
     if tp is not None:
         coerce(value, tp, source, ".".join(path))
+    if path in (["method"], ["method", "name"]) and isinstance(value, str):
+        check_method_name(value, source)
     return merge_dicts(raw, patch)
+
+
+def check_method_name(name: str, source: str) -> None:
+    """ConfigError naming `source` when `name` is not a registered method (skipped without the core)."""
+    try:
+        from petl_vision import list_methods
+    except ImportError:
+        return
+    if name not in list_methods():
+        raise ConfigError(f"{source}: unknown method {name!r}; registered methods: {', '.join(list_methods())}")
 
 
 def _override_type(path: list[str]):
