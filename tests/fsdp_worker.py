@@ -9,7 +9,9 @@ Per method (rank 0 writes the numbers; the test asserts them):
 - out_diff: max |outputs| of the sharded save loaded onto an unsharded host vs the reference model;
 - mem_ratio: max over ranks of (local frozen-parameter bytes) / (unsharded frozen-parameter bytes);
 - summary: (total, trainable) on the sharded model on every rank, and on the unsharded one;
-- merge_error / load_error: the messages pv.merge and pv.load_adapter raised on a sharded model.
+- merge_error / load_error / apply_error: the messages pv.merge, pv.load_adapter and pv.apply raised
+  on a sharded model;
+- hub (ssf, ssf_fsdp1): per rank, [url pv.push_to_hub returned, files it uploaded] (upload faked).
 - writes_and_file_on_return: per rank, [files written by this process, adapter.safetensors existed
   when save_adapter returned]; same_safetensors: every .safetensors file equals the reference's.
 Extra cases: "ssf_bf16" (FSDP2 with MixedPrecisionPolicy(bf16 params, fp32 reduce)), "ssf_fsdp1" and
@@ -123,7 +125,7 @@ def run_case(case: str, rank: int, out: Path) -> dict:
     writes.clear()
     if rank == 0 or not case.endswith("ddp"):  # sharded: on every rank; DDP: rank 0 alone, as usual
         pv.save_adapter(model, folder)
-    saved_on_return = (folder / "adapter.safetensors").is_file()
+    saved_on_return, n_writes = (folder / "adapter.safetensors").is_file(), len(writes)
     if case.endswith("ddp"):
         dist.barrier()
     files = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
@@ -132,23 +134,34 @@ def run_case(case: str, rank: int, out: Path) -> dict:
         merge_error = None
     except pv.MergeError as e:
         merge_error = str(e)
+    bare = shard(make_host(depth_for(method)), case)
+    load_error = apply_error = None
     try:
-        pv.load_adapter(shard(make_host(depth_for(method)), case), folder)
-        load_error = None
+        pv.load_adapter(bare, folder)
     except ValueError as e:
         load_error = str(e)
+    try:
+        pv.apply(bare, "bitfit")
+    except TypeError as e:
+        apply_error = str(e)
+    hub_url = None
+    if case in ("ssf", "ssf_fsdp1"):  # push_to_hub on every rank: rank 0 uploads, every rank gets the url
+        uploads.clear()
+        hub_url = pv.push_to_hub(model, "user/repo")
 
     ratios = [None] * WORLD
     dist.all_gather_object(ratios, local_frozen / unsharded_frozen)
     summaries = [None] * WORLD
     dist.all_gather_object(summaries, [summ.total, summ.trainable])
     write_counts = [None] * WORLD
-    dist.all_gather_object(write_counts, [len(writes), saved_on_return])
+    dist.all_gather_object(write_counts, [n_writes, saved_on_return])
+    hub = [None] * WORLD
+    dist.all_gather_object(hub, [hub_url, list(uploads)])
     if rank != 0:
         return {}
     result = {"files": files, "writes_and_file_on_return": write_counts, "mem_ratio": max(ratios), "summary": summaries,
               "ref_summary": [ref_summary.total, ref_summary.trainable], "merge_error": merge_error,
-              "load_error": load_error}
+              "load_error": load_error, "apply_error": apply_error, "hub": hub}
     try:  # rank 0 alone from here: an error must not leave the other rank waiting in a collective
         result.update(_compare(case, method, ref, folder, files, x))
     except Exception as e:
@@ -190,11 +203,20 @@ def _recording_atomic_write(path, write):
     return _atomic_write(path, write)
 
 
+uploads: list[list[str]] = []  # per upload from this process: the files uploaded
+
+
+def _fake_upload_folder(folder, repo_id, **kwargs):
+    uploads.append(sorted(p.name for p in Path(folder).iterdir()))
+    return f"https://huggingface.co/{repo_id}/commit/0"
+
+
 def worker(rank: int, port: int, out: str, cases: list[str]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*has both parameters with requires_grad=True and False")
     pv_io.atomic_write = _recording_atomic_write
+    pv_io.upload_folder = _fake_upload_folder  # no network: records what would be uploaded
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     results = {}
     try:

@@ -74,6 +74,14 @@ def test_merge_and_load_refuse_sharded_models(results, case):
     r = case_result(results, case)
     assert "sharded" in r["merge_error"] and "pv.load_adapter(<unsharded host>" in r["merge_error"]
     assert "load the adapter onto the model before sharding it" in r["load_error"]
+    assert "apply('bitfit'): the model is sharded" in r["apply_error"]
+
+
+@pytest.mark.parametrize("case", ["ssf", "ssf_fsdp1"])
+def test_push_to_hub_uploads_once(results, case):
+    r = case_result(results, case)
+    url = "https://huggingface.co/user/repo/commit/0"
+    assert r["hub"] == [[url, [r["files"]]], [url, []]]  # rank 0 uploaded the adapter folder once; both got the url
 
 
 def test_ddp_saved_on_rank0_alone(results):

@@ -5,7 +5,7 @@ import dataclasses
 
 from torch import nn
 
-from .distributed import numel_by_param, sharding, unwrap
+from .distributed import numel_by_param, refuse_sharded, sharding, unwrap
 from .errors import MergeError, UnsupportedHostError
 from .registry import MethodConfig, get_method, make_config
 from .state import STATE_NAME, AppliedMethod, PetlState, get_state
@@ -25,6 +25,9 @@ def apply(model: nn.Module, method: str | MethodConfig, **overrides) -> nn.Modul
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply: `model` must be a torch.nn.Module, got {type(model).__name__}")
+    refuse_sharded(model, f"apply({getattr(method, 'name', method)!r})",
+                   "apply methods before sharding it (fully_shard / FullyShardedDataParallel / accelerator.prepare): "
+                   "their new parameters must be inside FSDP's parameter groups", UnsupportedHostError)
     return _apply(model, make_config(method, **overrides))
 
 

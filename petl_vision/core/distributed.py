@@ -8,7 +8,9 @@ What works (tested on CPU with 2 gloo processes, see tests/test_fsdp.py):
 - `summary` counts global numbers (FSDP2: a DTensor's numel is the global one; FSDP1: the original
   shapes recorded in each flat parameter).
 - `merge` refuses: gather first (save the adapter, load it onto an unsharded host, merge there).
-- `load_adapter` onto a model before it is sharded; onto a sharded model it refuses.
+- `load_adapter` and `apply` on a model before it is sharded; on a sharded model they refuse (the
+  methods' new parameters would be outside FSDP's parameter groups: no gradient reduction).
+- `push_to_hub` called on every process: gathered like `save_adapter`, uploaded from rank 0.
 
 DDP and Accelerate wrappers (`.module`) are unwrapped; their parameters are whole, so saving on
 rank 0 alone (as usual) is enough, and nothing here runs a collective for them.
@@ -101,8 +103,8 @@ def rank() -> int:
 
 
 def run_on_rank0(fn):
-    """`fn()` on rank 0 while the other ranks wait; its error, if any, is raised on every rank.
-    Returns fn's result on rank 0, None elsewhere."""
+    """`fn()` on rank 0 while the other ranks wait; every rank returns its result (broadcast, so it
+    must pickle), and its error, if any, is raised on every rank."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return fn()
     result, error = None, None
@@ -111,17 +113,17 @@ def run_on_rank0(fn):
             result = fn()
         except BaseException as e:  # sent to the other ranks, then raised here too
             error = e
-    message = [None if error is None else f"{type(error).__name__}: {error}"]
+    message = [None if error is None else f"{type(error).__name__}: {error}", result if error is None else None]
     dist.broadcast_object_list(message, src=0)
     if error is not None:
         raise error
     if message[0] is not None:
         raise RuntimeError(f"rank 0 failed: {message[0]}")
-    return result
+    return message[1]
 
 
-def refuse_sharded(model: nn.Module, what: str, advice: str) -> None:
-    """Raise a ValueError naming `what` when `model` is sharded by FSDP."""
+def refuse_sharded(model: nn.Module, what: str, advice: str, error: type[Exception] = ValueError) -> None:
+    """Raise `error` naming `what` when `model` is sharded by FSDP."""
     kind = sharding(model)
     if kind is not None:
-        raise ValueError(f"{what}: the model is sharded ({kind.upper()}); {advice}")
+        raise error(f"{what}: the model is sharded ({kind.upper()}); {advice}")

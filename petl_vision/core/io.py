@@ -109,8 +109,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, metrics: dic
     if kind is None:
         return _write_adapter(model, directory, tensors, metrics, base_model, push_to_hub, hub_kwargs)
     # sharded: every rank gathered (collectives); rank 0 writes, the others wait for the file
-    run_on_rank0(lambda: _write_adapter(model, directory, tensors, metrics, base_model, push_to_hub, hub_kwargs))
-    return directory
+    return run_on_rank0(lambda: _write_adapter(model, directory, tensors, metrics, base_model, push_to_hub, hub_kwargs))
 
 
 def _gathered_adapter_tensors(model: nn.Module, kind: str | None) -> dict[str, torch.Tensor]:
@@ -163,13 +162,23 @@ def push_to_hub(model: nn.Module, repo_id: str, *, metrics: dict | None = None, 
                 revision: str | None = None, private: bool | None = None, token: str | bool | None = None,
                 commit_message: str | None = None, create_pr: bool = False) -> str:
     """Save the adapter of `model` to a temporary folder and upload it to the Hub repo `repo_id`
-    (created if needed) with huggingface_hub. Returns the commit url."""
-    with tempfile.TemporaryDirectory(prefix="petl_adapter_") as tmp:
-        save_adapter(model, tmp, metrics=metrics, base_model=base_model)
-        card = Path(tmp) / CARD_NAME
-        card.write_text(card.read_text().replace("path/to/this/folder", repo_id))
-        return upload_folder(tmp, repo_id, revision=revision, private=private, token=token,
-                             commit_message=commit_message, create_pr=create_pr, ignore_patterns=[".*"])
+    (created if needed) with huggingface_hub. Returns the commit url.
+
+    On a sharded (FSDP) model, call it on every process: the tensors are gathered everywhere, rank 0
+    writes and uploads, and every rank returns the url."""
+    model = unwrap(model)
+    kind = sharding(model)
+    tensors = _gathered_adapter_tensors(model, kind)
+
+    def push() -> str:
+        with tempfile.TemporaryDirectory(prefix="petl_adapter_") as tmp:
+            _write_adapter(model, Path(tmp), tensors, metrics, base_model, None, {})
+            card = Path(tmp) / CARD_NAME
+            card.write_text(card.read_text().replace("path/to/this/folder", repo_id))
+            return upload_folder(tmp, repo_id, revision=revision, private=private, token=token,
+                                 commit_message=commit_message, create_pr=create_pr, ignore_patterns=[".*"])
+
+    return push() if kind is None else run_on_rank0(push)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, revision: str | None = None) -> nn.Module:
