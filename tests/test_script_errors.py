@@ -159,15 +159,15 @@ def test_mistake_is_one_line(case, files, capsys):
 
 
 def test_pipeline_mistakes(files, pipeline_dir, capsys):
-    """Mistakes found once the pipeline is loaded: an SPM file that is not safetensors, a fused-in method."""
+    """Mistakes found once the pipeline is loaded: an SPM file that is not safetensors, a LoRA that fits no layer."""
     status, stderr = run_in_process(capsys, "evaluate_erasure", [
         "--model", pipeline_dir, "--spm", files / "garbage.safetensors", "--clip-config", files / "clip.json",
         "--clip-pretrained", "none", "--device", "cpu", "--output-dir", files / "eval"])
     assert_one_error_line(status, stderr, "garbage.safetensors")
     status, stderr = run_in_process(capsys, "finetune_diffusion", [
         "--model", pipeline_dir, "--data", files / "data", "--output-dir", files / "ft", "--max-steps", "1",
-        "method.threshold=1e-3", "resolution=16", "lr=.inf"])
-    assert_one_error_line(status, stderr, "lr", "finite")
+        "--method", "lora", "method.target_modules=nomatch", "resolution=16"])
+    assert_one_error_line(status, stderr, "target_modules='nomatch'", "matches no")
 
 
 def test_debug_flag_and_environment_show_the_traceback(files, monkeypatch):
