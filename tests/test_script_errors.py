@@ -199,6 +199,7 @@ def test_error_message_is_one_line():
     assert error_message(ValueError(worker)) == "cannot read image /d/a.png: bad (in DataLoader worker process 0)"
     assert error_message(FileNotFoundError(2, "No such file or directory", "/x/y.pt")) == "No such file or directory: /x/y.pt"
     assert error_message(KeyError("'r' missing in /a/b.json")) == "'r' missing in /a/b.json"
+    assert error_message(KeyError("weight")) == "key 'weight' not found (run with --debug for the traceback)"
     assert error_message(ValueError("two\nlines")) == "two; lines"
     from safetensors import SafetensorError
     assert error_message(SafetensorError("header too large")) == "SafetensorError: header too large"

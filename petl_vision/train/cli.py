@@ -76,7 +76,9 @@ def error_message(err: BaseException) -> str:
     """`err` as one line: its message (an OSError as "<reason>: <file>"; a DataLoader worker's traceback cut
     down to the original message), lines joined with "; ", the type named when it is a library's own."""
     if isinstance(err, KeyError) and len(err.args) == 1:
-        text = str(err.args[0])
+        key = err.args[0]
+        described = isinstance(key, str) and " " in key.strip()
+        text = key if described else f"key {key!r} not found (run with --debug for the traceback)"
     elif isinstance(err, OSError) and err.filename is not None and err.strerror:
         text = f"{err.strerror}: {err.filename}"
     else:
