@@ -3,9 +3,10 @@
 # (previous minor releases of timm, diffusers, transformers, accelerate, ...), a check that pip installed
 # every pinned version as written (nothing up- or downgraded), `pip check`, then pytest.
 #
-#   scripts/check_min_versions.sh                    # the whole suite (tens of minutes on 2 CPU cores)
+#   scripts/check_min_versions.sh                    # install (~5 min) + the whole suite (~20 min on 2 busy CPU cores)
 #   scripts/check_min_versions.sh tests/test_lst.py  # pytest arguments select a subset
-#   PV_MIN_VENV=/tmp/venv-min scripts/check_min_versions.sh   # where the venv goes (default build/venv-min)
+#   PV_MIN_VENV=/tmp/venv-min scripts/check_min_versions.sh   # where the venv goes (default build/venv-min;
+#                                                              # reused when present, PV_FRESH=1 rebuilds it)
 #
 # Not part of .ci/run (CI stays under 20 minutes); run it when a lower bound in pyproject.toml changes.
 set -euo pipefail
