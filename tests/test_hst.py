@@ -74,13 +74,14 @@ def test_meta_tokens_enter_and_leave_each_block():
     assert [x.shape[1] for x in outer_in] == [n_tokens] * DEPTH
     assert [x.shape[1] for x in inner_in] == [n_tokens + 1] * DEPTH  # meta token inside the block
     assert [x.shape[1] for x in outer_out] == [n_tokens + 1] * DEPTH  # raw block output
-    assert [x.shape[1] for x in inner_out] == [n_tokens] * DEPTH  # removed after the block
+    # removed after the block; the last block's at the final norm's input (see HSTNetwork.remove)
+    assert [x.shape[1] for x in inner_out] == [n_tokens] * (DEPTH - 1) + [n_tokens + 1]
     for i in range(DEPTH):
         assert torch.equal(inner_in[i][:, 0], hst.meta_tokens[i].expand(2, -1))  # prepended before CLS
         assert torch.equal(inner_in[i][:, 1:], outer_in[i])
         assert torch.equal(recorded["metas"][i], outer_out[i][:, 0])
         assert torch.equal(recorded["maps"][i], outer_out[i][:, 1 + n_prefix:])  # patch tokens only
-        assert torch.equal(inner_out[i], outer_out[i][:, 1:])
+        assert torch.equal(inner_out[i], outer_out[i][:, 1:] if i < DEPTH - 1 else outer_out[i])
     assert hst._run is None  # nothing kept after the forward
     assert model.forward_features(images()).shape == (2, n_tokens, DIM) and hst._run is None
 

@@ -58,13 +58,16 @@ def test_recomputation_keeps_less_for_backward():
     assert bytes_(True) < 0.6 * bytes_(False)
 
 
-def test_side_network_runs_inside_the_forward_and_host_head_needs_no_graph():
-    """The side network runs in the last block's hook (inside the root's forward, where FSDP keeps the
-    root's parameters gathered); the host's final norm and head get the tokens detached."""
+def test_side_network_runs_inside_the_forward_from_the_tokens_the_last_block_returns():
+    """The side network runs in the final norm's pre-hook (inside the root's forward, where FSDP keeps
+    the root's parameters gathered), on the tensor the last block returned (where FSDP2 hooks the
+    block's pre-backward), and the norm gets the tokens without the meta token."""
     model = pv.apply(tiny_vit(), "hst").train()
     seen = {}
-    model.norm.register_forward_hook(lambda m, a, o: seen.update(norm_grad=a[0].requires_grad))
+    model.blocks[-1].register_forward_hook(lambda m, a, o: seen.update(block_out=o))
+    model.norm.register_forward_hook(lambda m, a, o: seen.update(norm_in=a[0]))
     model.petl.hst.stages[-1].register_forward_hook(lambda m, a, o: seen.update(side_inside=model.petl.hst._run is not None))
     out = model(images())
-    assert seen == {"norm_grad": False, "side_inside": True}
+    assert seen["side_inside"] and seen["block_out"].shape[1] == seen["norm_in"].shape[1] + 1
+    assert seen["norm_in"]._base is seen["block_out"]  # a view of the returned tensor, not of the raw output
     assert out.shape == (2, 5) and out.requires_grad and model.petl.hst._run is None

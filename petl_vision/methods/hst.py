@@ -258,6 +258,7 @@ class HSTNetwork(nn.Module):
         self.head = nn.Linear(config.widths[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.head.apply(_init_weights)
         self.return_pyramid = False
+        self.tokens_at_norm = False  # set by attach when the host's final norm takes the last block's tokens
         self.recompute = True  # activation checkpointing of the side stages in training (False: keep their activations)
         self._run: dict | None = None  # the image and block outputs of the forward in progress
 
@@ -276,21 +277,40 @@ class HSTNetwork(nn.Module):
     def remove(self, index: int, block: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         """Block hook: record the meta output (B, D) and patch tokens (B, gh*gw, D); drop the meta token.
 
-        After the last block the side network runs here, inside the model's forward (one graph under
-        `torch.compile`, and the root's parameters still gathered under FSDP), and the tokens go on
-        to the host's final norm and head detached: their output is replaced, so they need no graph.
+        The last block's output keeps its meta token when the host has a final norm: `finish_tokens`,
+        the norm's pre-hook, reads and drops it there, from the tensor this block returned. (FSDP2 puts
+        the block's pre-backward hook, which gathers its weights for backward, on that returned tensor;
+        read from the raw output here, the side network's gradient would reach the block around it.)
         """
         run = self._run
         if run is None:
             return output[:, 1:]
+        if index == self.meta_tokens.shape[0] - 1 and self.tokens_at_norm:
+            run["at_norm"] = True
+            return output
         run["metas"].append(output[:, 0])
         run["maps"].append(output[:, 1 + self.num_prefix_tokens:])
-        if index != self.meta_tokens.shape[0] - 1:
-            return output[:, 1:]
+        if index == self.meta_tokens.shape[0] - 1:
+            self.run_side(run)
+        return output[:, 1:]
+
+    def finish_tokens(self, norm: nn.Module, args: tuple):
+        """Pre-hook of the host's final norm: read the last block's tokens (B, 1 + N, D), run the side
+        network (inside the model's forward: one graph under `torch.compile`, the root's parameters
+        still gathered under FSDP) and pass the tokens on without the meta token (B, N, D)."""
+        run = self._run
+        if run is None or not run.pop("at_norm", False):
+            return None
+        x = args[0]
+        run["metas"].append(x[:, 0])
+        run["maps"].append(x[:, 1 + self.num_prefix_tokens:])
+        self.run_side(run)
+        return (x[:, 1:],) + args[1:]
+
+    def run_side(self, run: dict) -> None:
         pyramid = self.side_forward(run["image"], run["metas"], run["maps"])
         run["out"] = pyramid if self.return_pyramid else self.classify(pyramid[-1])
         run["metas"], run["maps"] = [], []
-        return output[:, 1:].detach()
 
     def finish(self, model: nn.Module, args: tuple, output):
         """Root hook: return HST's logits (or the pyramid for `feature_pyramid`), computed after the last block."""
@@ -429,6 +449,9 @@ class HST(Method):
         for i, block in enumerate(host.blocks):
             block.register_forward_pre_hook(functools.partial(hst.insert, i), with_kwargs=True)
             block.register_forward_hook(functools.partial(hst.remove, i))
+        if host.norm is not None:
+            host.norm.register_forward_pre_hook(hst.finish_tokens)
+            hst.tokens_at_norm = True
         model.register_forward_hook(hst.finish)
         if config.train_block_norms:
             for block in host.blocks:
