@@ -131,6 +131,15 @@ def test_other_methods(pipeline_dir, data_dir, tmp_path, method):
     if method == "lora":
         tensors = load_file(tmp_path / "adapter" / "adapter.safetensors")
         assert tensors and all("lora_" in k for k in tensors)
+        from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+        pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir)  # diffusers' loader reads the same folder
+        sample = (torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 5, pipe.unet.config.cross_attention_dim))
+        before = pipe.unet(*sample).sample
+        pipe.load_lora_weights(tmp_path / "adapter")
+        expected = pv.load_adapter(UNet2DConditionModel.from_pretrained(pipeline_dir / "unet"), tmp_path / "adapter")
+        torch.testing.assert_close(pipe.unet(*sample).sample, expected(*sample).sample, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(before, expected(*sample).sample)
     else:
         from diffusers import UNet2DConditionModel
 

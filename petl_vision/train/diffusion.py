@@ -316,6 +316,8 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
             result["unet_dir"] = str(out / "unet")
         else:
             result["adapter_dir"] = str(pv.save_adapter(plain_unet, out / "adapter"))
+            if cfg.method.name == "lora":  # diffusers' own file beside ours: pipe.load_lora_weights(adapter_dir)
+                pv.diffusers.export_diffusers_lora(plain_unet, out / "adapter")
     accelerator.end_training()
     return result
 
