@@ -153,7 +153,9 @@ def merge(model: nn.Module) -> nn.Module:
 
     The result is a plain model of the original class with the same state_dict keys and the same
     outputs (to float tolerance). Methods are merged last-applied first. Refuses, before changing
-    anything, when a method cannot be merged (VPT and the side networks change the architecture).
+    anything, when a method cannot be merged (VPT and the side networks change the architecture),
+    and on a model sharded by FSDP: gather first (`save_adapter` on every rank, then on one process
+    `load_adapter` onto an unsharded host and merge that).
     """
     kind = sharding(model)
     if kind is not None:

@@ -91,6 +91,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, metrics: dic
                  base_model: dict | str | None = None, push_to_hub: str | None = None, **hub_kwargs) -> Path:
     """Write the adapter of `model` to `directory` (created if needed). Returns the directory.
 
+    On a model sharded by FSDP (FSDP2 `fully_shard` or FSDP1 with `use_orig_params=True`), call it
+    on every process: the trainable tensors are gathered, rank 0 writes the same files an unsharded
+    save writes, and every rank returns once they exist (see `petl_vision.core.distributed`).
+
     Args:
         metrics: numbers for the model card (e.g. {"val_acc": 0.91}).
         base_model: what the host was built from; default: read from the model (timm
@@ -106,10 +110,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, metrics: dic
     model = unwrap(model)
     kind = sharding(model)
     tensors = _gathered_adapter_tensors(model, kind)
+    counts = summary(model)  # on every rank: a method's note may read sharded tensors (a collective)
     if kind is None:
-        return _write_adapter(model, directory, tensors, metrics, base_model, push_to_hub, hub_kwargs)
+        return _write_adapter(model, directory, tensors, counts, metrics, base_model, push_to_hub, hub_kwargs)
     # sharded: every rank gathered (collectives); rank 0 writes, the others wait for the file
-    return run_on_rank0(lambda: _write_adapter(model, directory, tensors, metrics, base_model, push_to_hub, hub_kwargs))
+    return run_on_rank0(lambda: _write_adapter(model, directory, tensors, counts, metrics, base_model, push_to_hub, hub_kwargs))
 
 
 def _gathered_adapter_tensors(model: nn.Module, kind: str | None) -> dict[str, torch.Tensor]:
@@ -122,7 +127,8 @@ def _gathered_adapter_tensors(model: nn.Module, kind: str | None) -> dict[str, t
     return {k: full_tensor(v.detach()).to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
 
 
-def _write_adapter(model, directory: Path, tensors, metrics, base_model, push_to_hub, hub_kwargs) -> Path:
+def _write_adapter(model, directory: Path, tensors, counts, metrics, base_model, push_to_hub, hub_kwargs) -> Path:
+    """save_adapter's writing part (rank 0 of a sharded model): `tensors` whole, `counts` its summary."""
     state = get_state(model)
     if isinstance(base_model, str):
         base_model = {"name": base_model, **({"hf_hub_id": base_model} if is_repo_id(base_model) else {})}
@@ -150,7 +156,6 @@ def _write_adapter(model, directory: Path, tensors, metrics, base_model, push_to
         for name in (peft_format.PEFT_CONFIG_NAME, peft_format.PEFT_WEIGHTS_NAME):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(directory / name)
-    counts = summary(model)
     card = model_card(meta, counts.trainable, counts.total, metrics, push_to_hub, peft_files=peft is not None)
     atomic_write(directory / CARD_NAME, lambda tmp: tmp.write_text(card))
     if push_to_hub:
@@ -168,11 +173,11 @@ def push_to_hub(model: nn.Module, repo_id: str, *, metrics: dict | None = None, 
     writes and uploads, and every rank returns the url."""
     model = unwrap(model)
     kind = sharding(model)
-    tensors = _gathered_adapter_tensors(model, kind)
+    tensors, counts = _gathered_adapter_tensors(model, kind), summary(model)
 
     def push() -> str:
         with tempfile.TemporaryDirectory(prefix="petl_adapter_") as tmp:
-            _write_adapter(model, Path(tmp), tensors, metrics, base_model, None, {})
+            _write_adapter(model, Path(tmp), tensors, counts, metrics, base_model, None, {})
             card = Path(tmp) / CARD_NAME
             card.write_text(card.read_text().replace("path/to/this/folder", repo_id))
             return upload_folder(tmp, repo_id, revision=revision, private=private, token=token,
