@@ -5,9 +5,9 @@ times the frozen model's forward without an autograd graph, the least a training
 
     python scripts/benchmark.py --methods floor,full,linear,lora,ssf,vpt --batch-size 8 --steps 3
     python scripts/benchmark.py --mixed-precision bf16 --batch-size 256          # every method that fits, on a GPU
-    python scripts/benchmark.py --methods floor,full,ssf,lora --mixed-precision bf16 --compile
+    python scripts/benchmark.py --methods floor,full,ssf --mixed-precision bf16 --compile      # torch.compile'd, on a GPU
     python scripts/benchmark.py --model vit_tiny_patch16_224 --model-kwargs '{"img_size": 32}' --methods full,lora --method-arg lora.r=4
-    python scripts/benchmark.py --import petl_vision.bench.unet_workload --workload diffusers-unet --model sd15-unet --methods full,lora,sara,spm --method-arg lora.train_head=false --batch-size 4 --mixed-precision bf16
+    python scripts/benchmark.py --import petl_vision.bench.unet_workload --workload diffusers-unet --model sd15-unet --methods full,lora,spm --method-arg lora.train_head=false --batch-size 4 --mixed-precision bf16
 
 On CUDA, times come from CUDA events and warm-up runs until the step time is steady (see
 --warmup); on CPU from perf_counter after exactly --warmup steps. Writes benchmark.json,
@@ -20,29 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from petl_vision.bench import BenchOptions, list_workloads, parse_method_arg, run_benchmark
-from petl_vision.core.errors import UnsupportedHostError
-
-DEBUG_ENV = "PETL_VISION_DEBUG"
-
-
-class UsageError(Exception):
-    """A mistake in the command line, reported as one `error:` line."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one `error:` line (no usage block)."""
-
-    def error(self, message):
-        raise UsageError(message)
+from petl_vision.train.cli import ArgumentParser, add_debug_argument, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = BenchOptions()
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=defaults.model, help="model name for the workload (default: %(default)s)")
     p.add_argument("--methods", nargs="+", metavar="METHOD",
                    help="method names, comma- or space-separated, and/or floor (default: floor and every registered method that fits the model)")
@@ -72,62 +58,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--in-process", action="store_true",
                    help="measure every method in this process, one after another (faster start; memory peaks mix)")
-    p.add_argument("--debug", action="store_true", help=f"show tracebacks of errors (also: {DEBUG_ENV}=1)")
+    add_debug_argument(p)
     return p
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
-    """BenchOptions from parsed arguments; UsageError for a malformed --model-kwargs or --method-arg."""
+    """BenchOptions from parsed arguments; ValueError for a malformed --model-kwargs or --method-arg."""
     try:
         model_kwargs = json.loads(args.model_kwargs)
     except json.JSONDecodeError as err:
-        raise UsageError(f"--model-kwargs is not valid JSON ({err}): {args.model_kwargs!r}") from None
+        raise ValueError(f"--model-kwargs is not valid JSON ({err}): {args.model_kwargs!r}") from None
     if not isinstance(model_kwargs, dict):
-        raise UsageError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
-    try:
-        method_args = parse_method_arg(args.method_arg)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+        raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
     methods = [m.strip() for item in args.methods for m in item.split(",") if m.strip()] if args.methods else None
     return BenchOptions(
         model=args.model, methods=methods, workload=args.workload, model_kwargs=model_kwargs,
         num_classes=args.num_classes, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
         max_warmup=args.max_warmup, steady_tolerance=args.steady_tolerance, device=args.device,
         mixed_precision=args.mixed_precision, compile=args.compile, compile_backend=args.compile_backend,
-        infer_only=args.infer_only, method_args=method_args, method_timeout=args.method_timeout,
+        infer_only=args.infer_only, method_args=parse_method_arg(args.method_arg), method_timeout=args.method_timeout,
         out_dir=args.out_dir, imports=args.imports, seed=args.seed, isolate=not args.in_process,
     )
 
 
 def parse_args(argv=None) -> BenchOptions:
-    """BenchOptions from the command line; SystemExit(2) with one `error:` line for a mistake."""
-    try:
-        return options_from_args(build_parser().parse_args(argv))
-    except UsageError as err:
-        raise SystemExit(f"error: {err}") from None
+    return options_from_args(build_parser().parse_args(argv))
 
 
-def debug_requested(argv) -> bool:
-    argv = sys.argv[1:] if argv is None else argv
-    return "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
-
-
-def main(argv=None) -> int:
-    """Run the benchmark; 0 when every method ran, 1 when one failed, 2 for a command-line mistake."""
-    debug = debug_requested(argv)
-    try:
-        opts = options_from_args(build_parser().parse_args(argv))
-        report = run_benchmark(opts)
-    except (UsageError, ValueError, UnsupportedHostError) as err:  # the user's mistakes: one line
-        if debug:
-            raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"error: {message} (--debug shows the traceback)", file=sys.stderr)
-        return 2
+def benchmark(argv: list[str]) -> int:
+    """Run the benchmark and print its table; 0 when every method ran, 1 when one failed."""
+    report = run_benchmark(parse_args(argv))
     print()
     print(report["markdown"])
     print(f"written: {', '.join(report['files'].values())}")
     return 1 if any(r.get("error") for r in report["methods"]) else 0
+
+
+def main(argv=None) -> int:
+    """benchmark() under run_cli: a mistake in the command line is one `error:` line and status 2."""
+    return run_cli(benchmark, argv)
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def test_no_ratios_without_full_or_floor(report):
     assert "×" not in markdown_table(without).split("\n\n")[1]  # the table part
 
 
-def test_compile_is_timed_and_recorded(tmp_path):
+def test_compile_is_timed_and_recorded(tmp_path, one_thread):
     report = run_benchmark(tiny_options(tmp_path, methods=["floor", "ssf"], compile=True, compile_backend="aot_eager",
                                         mixed_precision="bf16", steps=1, isolate=False), log=lambda _: None)
     saved = json.loads((tmp_path / "benchmark.json").read_text())
@@ -169,7 +169,7 @@ def test_compile_is_timed_and_recorded(tmp_path):
     assert "bf16 autocast, torch.compile (backend aot_eager)" in report["markdown"]
 
 
-def test_infer_only_and_spm_live_membranes(tmp_path):
+def test_infer_only_and_spm_live_membranes(tmp_path, one_thread):
     """diffusers-unet: SPM's membranes run live with per-sample strengths (as transport sets them),
     which at strength 1 give the merged UNet's output."""
     report = run_benchmark(BenchOptions(model="tiny-unet", workload="diffusers-unet", imports=["petl_vision.bench.unet_workload"],
@@ -209,6 +209,40 @@ def test_warm_up_runs_until_steady_on_cuda(monkeypatch):
     assert worker.warm_up([lambda: None], cuda, 0, 6, 0.05) == (6, False)  # capped
     assert worker.is_steady([1.0, 1.04, 1.0], 0.05) and not worker.is_steady([1.0, 1.06, 1.0], 0.05)
     assert not worker.is_steady([1.0, 1.0], 0.05)  # fewer than 3
+
+
+def test_cuda_times_come_from_events_read_after_one_synchronize(monkeypatch):
+    clock = iter(range(1000))  # one tick = 1 ms of "GPU time"
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            self.tick = next(clock)
+
+        def elapsed_time(self, end):
+            return float(end.tick - self.tick)
+
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: syncs.append(device))
+    calls = []
+
+    def a():
+        calls.append("a")
+        next(clock)  # a takes 2 ticks between its events, b 3
+        return "A"
+
+    def b():
+        calls.append("b")
+        next(clock), next(clock)
+        return "B"
+
+    times, outs = worker._time_turns([a, b], 3, torch.device("cuda"))
+    assert calls == ["a", "b"] * 3 and outs == ["A", "B"]
+    assert times == [[0.002] * 3, [0.003] * 3]
+    assert len(syncs) == 2  # once before and once after the timed calls, not per call
 
 
 def test_merged_and_unmerged_inference_are_timed_in_turns():

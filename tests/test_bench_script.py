@@ -11,6 +11,7 @@ from conftest import ROOT, load_script
 
 import petl_vision as pv
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", '{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}',
         "--num-classes", "5", "--device", "cpu"]
@@ -82,13 +83,31 @@ MISTAKES = [
 ]
 
 
+def exit_status(script, argv) -> int:
+    """script.main's status; usage errors leave argparse through SystemExit."""
+    try:
+        return script.main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
 @pytest.mark.parametrize("argv,start", MISTAKES, ids=[" ".join(a) for a, _ in MISTAKES])
 def test_mistakes_are_one_error_line(script, capsys, tmp_path, monkeypatch, argv, start):
     monkeypatch.delenv("PETL_VISION_DEBUG", raising=False)
-    assert script.main([*TINY, "--out-dir", str(tmp_path / "out"), *argv]) == 2
+    assert exit_status(script, [*TINY, "--out-dir", str(tmp_path / "out"), *argv]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and err.startswith(start), err
     assert not (tmp_path / "out").exists()
+
+
+def test_arguments_become_options(script):
+    opts = script.parse_args(["--methods", "floor,full", "ssf", "--model-kwargs", '{"img_size": 32}', "--method-arg", "vpt.num_prompts=3",
+                              "--compile", "--compile-backend", "aot_eager", "--in-process", "--method-timeout", "30"])
+    assert opts.methods == ["floor", "full", "ssf"] and opts.model_kwargs == {"img_size": 32}
+    assert opts.method_args == {"vpt": {"num_prompts": 3}} and opts.device == "auto" and opts.out_dir is None
+    assert opts.compile and opts.compile_backend == "aot_eager" and not opts.isolate and opts.method_timeout == 30.0
+    defaults = script.parse_args([])
+    assert defaults.methods is None and defaults.compile is False and defaults.isolate and defaults.warmup == 3
 
 
 def test_debug_shows_the_traceback(script, monkeypatch, tmp_path):

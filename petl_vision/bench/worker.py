@@ -164,6 +164,7 @@ def step_footprint(model, loss_fn: Callable, autocast: dict, optimizer) -> tuple
     optimizer None: the floor, a forward without autograd graph (nothing saved; its forward's ops).
     """
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler's start/stop lines are noise here
+
     def autocast_loss(m):
         with torch.autocast(**autocast):
             return loss_fn(m)
@@ -177,7 +178,7 @@ def step_footprint(model, loss_fn: Callable, autocast: dict, optimizer) -> tuple
 
 
 class Timing:
-    """Warm-up and timed calls of one spec: `warmed` records how many warm-up calls ran, and whether steady."""
+    """Warm-up and timed calls as a spec asks (warmup, max_warmup, steady_tolerance, steps, compile)."""
 
     def __init__(self, spec: dict, device: torch.device):
         self.device, self.steps = device, spec["steps"]
