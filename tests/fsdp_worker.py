@@ -12,6 +12,7 @@ Per method (rank 0 writes the numbers; the test asserts them):
   unsharded one;
 - merge_error / load_error / apply_error: the messages pv.merge, pv.load_adapter and pv.apply raised
   on a sharded model;
+- host_class: [host_class_name, pv.summary's host_class] of the sharded model (rank 0);
 - hub (ssf, ssf_fsdp1): per rank, [url pv.push_to_hub returned, files it uploaded] (upload faked).
 - writes_and_file_on_return: per rank, [files written by this process, adapter.safetensors existed
   when save_adapter returned]; same_safetensors: every .safetensors file equals the reference's.
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 import petl_vision as pv
 import petl_vision.core.io as pv_io
 from petl_vision.core.io import adapter_state_dict, read_adapter
+from petl_vision.core.state import host_class_name
 
 WORLD = 2
 GLOBAL_BATCH = 4
@@ -124,6 +126,7 @@ def run_case(case: str, rank: int, out: Path) -> dict:
     model = shard(model, case)
     local_frozen = frozen_bytes(model, local=True)
     summ = pv.summary(model)
+    class_names = [host_class_name(model), summ.host_class]
     per = GLOBAL_BATCH // WORLD
     if method in WHOLE_BATCH_ON_EVERY_RANK:
         sgd_step(model, x, y)  # the mean of equal gradients is the global batch's
@@ -170,7 +173,7 @@ def run_case(case: str, rank: int, out: Path) -> dict:
         return {}
     result = {"files": files, "writes_and_file_on_return": write_counts, "mem_ratio": max(ratios), "summary": summaries,
               "ref_summary": [ref_summary.total, ref_summary.trainable, pv.summary(ref).notes], "merge_error": merge_error,
-              "load_error": load_error, "apply_error": apply_error, "hub": hub}
+              "load_error": load_error, "host_class": class_names, "apply_error": apply_error, "hub": hub}
     try:  # rank 0 alone from here: an error must not leave the other rank waiting in a collective
         result.update(_compare(case, method, ref, folder, files, x))
     except Exception as e:

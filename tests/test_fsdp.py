@@ -69,6 +69,12 @@ def test_summary_counts_global_numbers(results, case):
     assert [s[:2] for s in r["summary"]] == [r["ref_summary"][:2]] * 2  # (total, trainable) on both ranks
 
 
+@pytest.mark.parametrize("case", ["ssf", "ssf_bf16"])
+def test_fsdp2_model_reports_its_original_class(results, case):
+    r = case_result(results, case)  # fully_shard re-classes the model as FSDPVisionTransformer
+    assert r["host_class"] == ["timm.models.vision_transformer.VisionTransformer", "VisionTransformer"]
+
+
 LOCAL_NOTES = {  # case -> why its summary note counts this rank's shard only
     "mask_tuning": "mask_tuning's summary note (mask_counts in methods/mask_tuning.py) sums the local shard of "
                    "each DTensor score under FSDP2, so 'masked off' is this rank's share (issue #15)",

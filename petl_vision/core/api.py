@@ -8,7 +8,7 @@ from torch import nn
 from .distributed import numel_by_param, refuse_sharded, sharding, unwrap
 from .errors import MergeError, UnsupportedHostError
 from .registry import MethodConfig, get_method, make_config
-from .state import STATE_NAME, AppliedMethod, PetlState, get_state
+from .state import STATE_NAME, AppliedMethod, PetlState, get_state, host_class
 
 
 def apply(model: nn.Module, method: str | MethodConfig, **overrides) -> nn.Module:
@@ -115,7 +115,8 @@ class Summary:
 
 def summary(model: nn.Module) -> Summary:
     """Trainable and total parameter counts, per method. Works on any module; on a model sharded
-    by FSDP the counts are global (those of the unsharded model), on every rank, with no collective."""
+    by FSDP the counts are global (those of the unsharded model), on every rank, with no collective
+    (a method's note may read sharded tensors: call it on every rank there)."""
     model = unwrap(model)  # DDP / DataParallel
     params = list(model.parameters())
     fsdp1_numel = numel_by_param(model)  # FSDP1's original parameters are local pieces
@@ -137,7 +138,7 @@ def summary(model: nn.Module) -> Summary:
         trainable=sum(numel(p) for p in params if p.requires_grad),
         by_method=by_method,
         added=added,
-        host_class=type(model).__name__,
+        host_class=host_class(model).__name__,
         notes={k: v for k, v in notes.items() if v},
     )
 

@@ -42,12 +42,17 @@ def fingerprint(shapes: dict[str, list[int]]) -> str:
     return hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()
 
 
-def host_class_name(model: nn.Module) -> str:
-    """module.qualname of the model's class; for a model FSDP2's `fully_shard` re-classed
-    (class FSDP<Name>(FSDPModule, <Name>)), the original class."""
+def host_class(model: nn.Module) -> type:
+    """The model's class; for a model FSDP2's `fully_shard` re-classed (class FSDP<Name>(FSDPModule,
+    <Name>)), the original class."""
     cls = type(model)
     if cls.__name__.startswith("FSDP") and any(b.__name__ == "FSDPModule" for b in cls.__bases__):
         cls = next(b for b in cls.__bases__ if b.__name__ != "FSDPModule")
+    return cls
+
+
+def host_class_name(model: nn.Module) -> str:
+    cls = host_class(model)
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
