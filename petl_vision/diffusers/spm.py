@@ -113,9 +113,7 @@ def unload(pipe, names=None):
     applied = _applied(unet)
     removed = {id(p) for n in names for p in spm.membranes[n].parameters()}
     for name in names:
-        del spm.membranes[name]
-        spm.weights.pop(name)
-        spm.inactive.discard(name)
+        spm.remove(name)
     keep = [n for n in applied.config.membranes if n not in names]
     prompts = tuple(applied.config.prompt_of(n) for n in keep) if applied.config.prompts else ()
     _set_config(unet, dataclasses.replace(applied.config, membranes=tuple(keep), prompts=prompts))
@@ -241,6 +239,7 @@ def _applied(unet):
 def _set_config(unet, config: SPMConfig) -> None:
     _applied(unet).config = config
     spm_module(unet).config = config
+    spm_module(unet).changed()
 
 
 def _add_membranes(unet, read: list[SPMFile]) -> None:

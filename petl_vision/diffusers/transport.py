@@ -11,9 +11,10 @@ the tokenizer's special tokens (BOS, EOS, PAD, UNK). A membrane without concept 
 Inside an ordinary ``pipe(prompt=...)`` call nothing is asked of the user: `Transport` wraps the
 pipeline object's `encode_prompt` (an instance attribute; the class is untouched) and listens to its
 text encoder, so the prompt's token ids and last hidden state are those the pipeline computes itself.
-Strengths are per prompt, repeated for `num_images_per_prompt`, and the UNet's forward pre-hook
-tiles them over the batch (classifier-free guidance runs [uncond, cond]: each image's unconditional
-half gets its prompt's strength, as in the official code where the membrane is set per prompt).
+Strengths are per prompt, repeated for `num_images_per_prompt`, moved to the UNet's device once per
+call, and the UNet's forward pre-hook tiles them over the batch (classifier-free guidance runs
+[uncond, cond]: each image's unconditional half gets its prompt's strength, as in the official code
+where the membrane is set per prompt), once per call: the denoising steps reuse them (`SPMModule.begin`).
 They are cleared when the call ends (`maybe_free_model_hooks`), so direct UNet calls run the static
 membranes (strength = weight).
 
@@ -133,7 +134,8 @@ class Transport:
             raise RuntimeError("spm transport: encode_prompt ran without prompt_embeds and without calling the text encoder")
         per_image = prompt_embeds.shape[0] // next(iter(strengths.values())).numel() if strengths else 1
         self.last = {name: g.repeat_interleave(per_image) for name, g in strengths.items()}
-        self._set(self.last)
+        # On the UNet's device once per call: the denoising steps then read them without a host-to-device copy.
+        self._set({name: g.to(prompt_embeds.device) for name, g in self.last.items()})
         return result
 
     def end_of_call(self, *args, **kwargs):

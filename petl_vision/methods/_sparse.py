@@ -4,10 +4,12 @@ A `SparseDelta` holds, per host tensor, ``values`` (k,) (the trainable entries),
 (their flat row-major positions in W), ``base`` (k,) (W there before training) and
 ``fixed_indices`` / ``fixed_values`` / ``fixed_base`` (m,) (entries trained earlier, now frozen).
 
-Mechanism: W is registered with ``torch.nn.utils.parametrize`` (`_Parametrization`). Every access
-writes the values into W's storage in place and returns W itself through `_SparseWeight`, whose
-backward gathers dL/dW at the k indices. So the host's forward is unchanged, no dense copy of W is
-made, and gradients and optimizer state hold the k values only. Which entries train, and when, is
+Mechanism: W is registered with ``torch.nn.utils.parametrize`` (`_Parametrization`). An access
+writes the values into W's storage in place (only when they changed since the last write: once per
+optimizer step in training, never in inference) and returns W itself, through `_SparseWeight` when a
+gradient is recorded (its backward gathers dL/dW at the k indices with one index_select). So the
+host's forward is unchanged, no dense copy of W is made, an unmerged model runs the merged model's
+kernels, and gradients and optimizer state hold the k values only. Which entries train, and when, is
 up to the method using this module (SaRA).
 """
 from __future__ import annotations
@@ -32,10 +34,14 @@ def _gather(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def _put(data: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
     """data.flatten()[idx] = values, in place (also for non-contiguous data, e.g. channels_last)."""
+    if idx.numel() == 0:  # a shape, not a value: no device sync, and no kernel for an empty selection
+        return
+    if values.dtype != data.dtype:
+        values = values.to(data.dtype)
     if data.is_contiguous():
-        data.view(-1)[idx] = values.to(data.dtype)
+        data.view(-1)[idx] = values
     else:
-        data[torch.unravel_index(idx.long(), data.shape)] = values.to(data.dtype)
+        data[torch.unravel_index(idx.long(), data.shape)] = values
 
 
 class _SparseWeight(torch.autograd.Function):
@@ -49,7 +55,7 @@ class _SparseWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (indices,) = ctx.saved_tensors
-        return grad.reshape(-1)[indices], None, None
+        return grad.reshape(-1).index_select(0, indices), None, None  # int32 indices as they are: one kernel
 
 
 class SparseDelta(nn.Module):
@@ -64,6 +70,20 @@ class SparseDelta(nn.Module):
         fixed = fixed or (indices[:0], base[:0], base[:0])
         for name, tensor in zip(("fixed_indices", "fixed_values", "fixed_base"), fixed):
             self.register_buffer(name, tensor.clone())
+        self._written: tuple | None = None  # what the last write wrote (see `stale`)
+
+    def _stamp(self, weight: torch.Tensor) -> tuple[tuple, tuple]:
+        """(tensors, versions) a write reads and writes; versions are Python ints (no device sync).
+        Optimizer steps, load_state_dict and re-selection each change one of them."""
+        tensors = (self.values, self.indices, self.fixed_values, self.fixed_indices, weight)
+        return tensors, (*(t._version for t in tensors), weight.data_ptr())
+
+    def stale(self, weight: torch.Tensor) -> bool:
+        """Whether `weight` may differ from the values at the selected entries (a write is due)."""
+        if self._written is None:
+            return True
+        tensors, versions = self._stamp(weight)
+        return versions != self._written[1] or any(a is not b for a, b in zip(tensors, self._written[0]))
 
     @torch.no_grad()
     def write(self, weight: torch.Tensor, restore: bool = False) -> None:
@@ -75,6 +95,7 @@ class SparseDelta(nn.Module):
         data = weight.data
         _put(data, self.fixed_indices, self.fixed_base if restore else self.fixed_values)
         _put(data, self.indices, self.base if restore else self.values)
+        self._written = None if restore else self._stamp(weight)
 
     def dense_update(self, values: torch.Tensor) -> torch.Tensor:
         """The update W - W_base, dense, of shape `shape`; differentiable w.r.t. `values`."""
@@ -100,8 +121,11 @@ class _Parametrization(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         delta = self._delta[0]
-        delta.write(weight)
-        return _SparseWeight.apply(delta.values, weight, delta.indices)
+        if torch.compiler.is_compiling() or delta.stale(weight):  # traced graphs write unconditionally (no Python state)
+            delta.write(weight)
+        if delta.values.requires_grad and torch.is_grad_enabled():
+            return _SparseWeight.apply(delta.values, weight, delta.indices)
+        return weight  # inference: W as is, no autograd node, no kernel
 
 
 def _drop_empty(module, state_dict, prefix, local_metadata) -> None:

@@ -30,6 +30,7 @@ import re
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.api import forget_method
@@ -174,40 +175,174 @@ def _refresh_scale(module: Membrane, incompatible_keys) -> None:
 
 
 class _LayerHook:
-    """Forward hook of one host layer: adds the membranes' update to its output."""
+    """Forward hook of one host layer (number `index` of `spm.layers`): adds the membranes' update."""
 
-    def __init__(self, spm: "SPMModule", key: str):
-        self.spm, self.key = spm, key
+    def __init__(self, spm: "SPMModule", key: str, index: int):
+        self.spm, self.key, self.index = spm, key, index
 
     def __call__(self, layer, args, output):
-        return self.spm.layer_output(layer, self.key, args[0], output)
+        spm = self.spm
+        run = spm.run
+        if run is None or run[0] is not spm.token:
+            if spm.pending is None:  # a layer called outside a UNet forward, or the state changed since
+                return spm.layer_output(layer, self.key, args[0], output)
+            spm.begin(*spm.pending)  # the first layer of a UNet forward builds what all layers read
+            run = spm.run
+            if run is None:
+                return spm.layer_output(layer, self.key, args[0], output)
+        if not run[1]:
+            return output
+        x = args[0]
+        tensors = run[1][self.index]
+        if x.dtype != tensors[1].dtype:  # an fp32 input under autocast (text states, norm outputs): cast once, reuse
+            cast = spm.cast
+            if cast is None or cast[0] is not x:
+                cast = spm.cast = (x, x.to(tensors[1].dtype))
+            x = cast[1]
+        out = _fast_update(layer, x, output, tensors, run[2])
+        return spm.layer_output(layer, self.key, args[0], output) if out is None else out
 
 
 class _BatchHook:
-    """Forward pre-hook of the UNet: the strengths of this forward, one per membrane and sample."""
+    """Forward pre-hook of the UNet: the batch of this forward. The first membrane layer then builds, once,
+    what all layers read (`SPMModule.begin`): inside the UNet's forward, so torch.compile traces it
+    into the UNet's graph (this hook runs no op: it is no graph of its own)."""
 
     def __init__(self, spm: "SPMModule"):
         self.spm = spm
 
     def __call__(self, model, args, kwargs):
         sample = args[0] if args else kwargs.get("sample")
-        self.spm.prepare(sample.shape[0], sample.device, sample.dtype)
+        self.spm.pending = (sample.shape[0], sample.device)
+        self.spm.run = None
+
+
+# The per-forward state the layer hooks read (`SPMModule.begin`), a tuple (token, layers, per_sample):
+# layers: per host layer (in `spm.layers` order) (down (R, in[, kh, kw]), up), or () when no membrane is
+# active; up is (Bc, R, out) with the strengths and alpha / r folded in when per_sample (Bc = the batch),
+# else (out, R) (static strengths folded in, or the plain membrane: strength 1, alpha = rank).
+_Run = tuple
+
+
+def _fast_update(layer: nn.Module, x: torch.Tensor, output: torch.Tensor, tensors: tuple, per_sample: bool) -> torch.Tensor | None:
+    """`output` plus the update (two matmuls: down, then up with the strengths folded in); None where
+    the shapes call for the general path (`membrane_delta`)."""
+    down, up = tensors
+    if up.dtype != output.dtype or up.device != output.device or not output.is_contiguous() or (per_sample and up.shape[0] != output.shape[0]):
+        return None
+    grad = torch.is_grad_enabled()
+    if isinstance(layer, nn.Conv2d):
+        h = F.conv2d(x, down.to(x.dtype), None, layer.stride, layer.padding)  # (B, R, H, W)
+        b, c = output.shape[:2]
+        out3, h3 = output.view(b, c, -1), h.view(b, h.shape[1], -1)
+        if per_sample:  # (B, out, HW) += (B, out, R) @ (B, R, HW)
+            up = up.transpose(1, 2)
+            return (out3.baddbmm_(up, h3) if not grad else torch.baddbmm(out3, up, h3)).view_as(output)
+        up = up.expand(b, *up.shape)
+        return (out3.baddbmm_(up, h3) if not grad else torch.baddbmm(out3, up, h3)).view_as(output)
+    if x.dim() != 3:
+        return None
+    h = F.linear(x, down.to(x.dtype))  # (B, N, R)
+    if per_sample:  # (B, N, out) += (B, N, R) @ (B, R, out)
+        return output.baddbmm_(h, up) if not grad else torch.baddbmm(output, h, up)
+    out2, h2 = output.view(-1, output.shape[-1]), h.view(-1, h.shape[-1])
+    up = up.T
+    return (out2.addmm_(h2, up) if not grad else torch.addmm(out2, h2, up)).view_as(output)
+
+
+class _Weights(dict):
+    """Membrane name -> user weight; every change replaces the owner's token (the per-forward state is rebuilt)."""
+
+    def __init__(self, owner: "SPMModule"):
+        super().__init__()
+        self._owner = owner
+
+    def _changed(self):
+        self._owner.changed()
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self._changed()
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self._changed()
+
+    def pop(self, *args):
+        out = super().pop(*args)
+        self._changed()
+        return out
+
+    def __reduce__(self):  # deepcopy / pickle: a plain dict of the values, re-wrapped by the owner
+        return dict, (dict(self),)
 
 
 class SPMModule(nn.Module):
-    """``model.petl.spm``: the membranes, per-membrane weights, and the per-sample strengths."""
+    """``model.petl.spm``: the membranes, per-membrane weights, and the per-sample strengths.
+
+    Per UNet forward its first membrane layer (`begin`) builds one `_Run`: the strengths of every membrane
+    and sample (cached on the device while the strengths, weights and membranes stay the same, so a
+    denoising loop computes them once) and every layer's up-projection scaled by them, all layers in
+    one op; each layer's hook then runs two matmuls, with no Python walk over membranes and no host sync.
+    """
 
     def __init__(self, config: SPMConfig, layers: dict[str, nn.Module]):
         super().__init__()
         self.config = config
         self.layers = layers  # official key -> host layer (a plain dict: not submodules)
         self.membranes = nn.ModuleDict()
-        self.weights: dict[str, float] = {}
-        self.enabled = True
-        self.inactive: set[str] = set()
-        self.strengths: dict[str, torch.Tensor] | None = None  # name -> (K,) per image, from transport
-        self._coef: tuple[tuple[str, ...], torch.Tensor] | None = None
-        self.handles = [layer.register_forward_hook(_LayerHook(self, key)) for key, layer in layers.items()]
+        self.token = object()  # replaced on every change of the state below (see `changed`)
+        self.weights: dict[str, float] = _Weights(self)
+        self._enabled, self._inactive, self._strengths = True, frozenset(), None
+        self._coef: tuple | None = None  # (token, names, strengths (M, B or 1) or None) of the general path
+        self._cache: dict[str, tuple] = {}
+        self.run: tuple | None = None  # (token, layers, per_sample) of the current forward (see `_Run`)
+        self.pending: tuple | None = None  # (batch, device) of a UNet forward whose `_Run` is still to build
+        self.cast: tuple | None = None  # (input, input in the compute dtype): the text states feed every to_k / to_v
+        self.handles = [layer.register_forward_hook(_LayerHook(self, key, i)) for i, (key, layer) in enumerate(layers.items())]
+
+    def changed(self) -> None:
+        """Invalidate the per-forward state (called on every change of membranes, weights, strengths)."""
+        self.token = object()
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+        self.changed()
+
+    @property
+    def inactive(self) -> frozenset:
+        """Names of the membranes switched off (assign a new set: ``spm.inactive |= {"a"}``)."""
+        return self._inactive
+
+    @inactive.setter
+    def inactive(self, value) -> None:
+        self._inactive = frozenset(value)
+        self.changed()
+
+    @property
+    def strengths(self) -> dict[str, torch.Tensor] | None:
+        """Name -> (K,) per-image strengths from transport (None: static). Assign a new dict to change them."""
+        return self._strengths
+
+    @strengths.setter
+    def strengths(self, value) -> None:
+        self._strengths = value
+        self.changed()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if not isinstance(self.weights, _Weights):
+            weights, self.weights = self.weights, _Weights(self)
+            dict.update(self.weights, weights)
 
     def add(self, name: str, rank: int, alpha: float) -> None:
         if name in self.membranes:
@@ -215,19 +350,124 @@ class SPMModule(nn.Module):
         self.membranes[name] = nn.ModuleDict({key: Membrane(layer, rank, alpha) for key, layer in self.layers.items()})
         self.weights[name] = 1.0
 
+    def remove(self, name: str) -> None:
+        """Drop membrane `name` (its weight and inactive flag too)."""
+        del self.membranes[name]
+        self.weights.pop(name)
+        self.inactive = self.inactive - {name}
+
     def active(self) -> tuple[str, ...]:
-        return tuple(n for n in self.membranes if n not in self.inactive) if self.enabled else ()
+        return tuple(n for n in self.membranes if n not in self._inactive) if self._enabled else ()
+
+    def begin(self, batch: int, device) -> None:
+        """Build the `_Run` of the next UNet forward of `batch` samples on `device`."""
+        self.pending, self.cast = None, None
+        names = self.active()
+        token = self.token
+        if not names:
+            self.run = (token, (), False)
+            return
+        dtype = self._compute_dtype(device)
+        if self.config.official_transport:  # the official composition takes the general path, per layer
+            self.run = None
+            self.prepare(batch, device, dtype)
+            return
+        coef = self._strength_matrix(names, batch, device, dtype)  # (M, Bc) or None
+        self.run = (token, self._layer_tensors(names, coef, dtype), coef is not None and coef.shape[1] > 1)
+
+    def _compute_dtype(self, device) -> torch.dtype:
+        """The layers' activation dtype: autocast's, else the host weights'."""
+        device_type = torch.device(device).type
+        if device_type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return next(iter(self.layers.values())).weight.dtype
+
+    def _cached(self, slot: str, key_fn, build):
+        """build(), reused while key_fn() (Python values: ids, versions) stays the same; not when compiling
+        (a traced graph recomputes it: its ops are fused and captured there)."""
+        if torch.compiler.is_compiling():
+            return build()
+        key = key_fn()
+        hit = self._cache.get(slot)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = build()
+        self._cache[slot] = (key, value)
+        return value
+
+    def _strength_matrix(self, names, batch, device, dtype) -> torch.Tensor | None:
+        """c (M, Bc) of the active membranes for this forward (Bc = batch, or 1 for static strengths);
+        None when all are 1. Cached on the device: one small op when strengths or weights change, none otherwise."""
+        static = tuple(self.weights[n] for n in names)
+        strengths = self.strengths
+        if strengths is None and all(w == 1.0 for w in static):
+            return None
+        rows = None if strengths is None else tuple(strengths.get(n) for n in names)
+
+        def key():
+            return names, static, self.token, batch, str(device), dtype, rows and tuple((id(g), g._version) for g in rows if g is not None)
+
+        def build():
+            if rows is None:
+                return torch.tensor(static, dtype=torch.float32)[:, None].to(device, dtype)
+            out = []
+            for w, g in zip(static, rows):
+                if g is None:
+                    out.append(torch.full((batch,), w, device=device))
+                    continue
+                if batch % g.numel():
+                    raise ValueError(
+                        f"spm transport: the UNet got a batch of {batch} samples, but the prompts gave {g.numel()} per-image "
+                        "strengths (expected a multiple: classifier-free guidance doubles it)"
+                    )
+                out.append(g.to(device, torch.float32).repeat(batch // g.numel()) * w)  # CFG batches are [uncond, cond]
+            return torch.stack(out).to(dtype)
+
+        return self._cached("coef", key, build)
+
+    def _layer_tensors(self, names, coef: torch.Tensor | None, dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (down, up) with the strengths and alpha / r folded into up; the up-projections
+        of all layers are scaled in one op (see `_Run`)."""
+        layers = list(self.layers)
+        groups = [self.membranes[n] for n in names]
+        params = [(g[k].lora_down.weight, g[k].lora_up.weight, g[k].scale) for k in layers for g in groups]
+        m = len(names)
+        frozen = not any(d.requires_grad or u.requires_grad for d, u, _ in params) or not torch.is_grad_enabled()
+        if not frozen and coef is None and m == 1 and all(sc == 1.0 for _, _, sc in params):
+            # training one membrane of strength 1, alpha = rank: its own parameters, nothing to compute
+            return [(d, u.flatten(1)) for d, u, _ in params]
+
+        def key():
+            return names, dtype, self.token, tuple((id(d), d._version, d.data_ptr(), id(u), u._version, u.data_ptr(), sc) for d, u, sc in params)
+
+        def build():
+            downs = [torch.cat([params[i * m + j][0] for j in range(m)]) if m > 1 else params[i][0] for i in range(len(layers))]
+            ups = [torch.cat([params[i * m + j][1].flatten(1) * params[i * m + j][2] for j in range(m)], dim=1) for i in range(len(layers))]
+            flat = torch.cat(ups).to(dtype)  # (sum_out, R)
+            sizes = [u.shape[0] for u in ups]
+            return [d.to(dtype) for d in downs], flat, sizes
+
+        downs, flat, sizes = self._cached("layers", key, build) if frozen else build()
+        rank = flat.shape[1] // m
+        if coef is None:
+            scaled = flat[None]
+        else:  # (Bc, sum_out, R): c of membrane j on its r columns
+            c = coef.repeat_interleave(rank, dim=0).T.to(flat.dtype)  # (Bc, R)
+            scaled = flat[None] * c[:, None, :]
+        per_sample = coef is not None and coef.shape[1] > 1
+        ups = scaled.transpose(1, 2).split(sizes, dim=2)  # (Bc, R, out) each
+        return [(d, u if per_sample else u[0].T) for d, u in zip(downs, ups)]
 
     def prepare(self, batch: int, device, dtype) -> None:
         """Strengths c (M, B or 1) of the active membranes for the next forward of `batch` samples."""
         names = self.active()
         static = [self.weights[n] for n in names]
         if (self.strengths is None or not names) and all(w == 1.0 for w in static):
-            self._coef = names, None
+            self._coef = self.token, names, None
             return
         weights = torch.tensor(static, device=device, dtype=dtype)[:, None]
         if self.strengths is None:
-            self._coef = names, weights
+            self._coef = self.token, names, weights
             return
         rows = []
         for name in names:
@@ -241,16 +481,17 @@ class SPMModule(nn.Module):
                     "strengths (expected a multiple: classifier-free guidance doubles it)"
                 )
             rows.append(g.to(device, dtype).repeat(batch // g.numel()))  # CFG batches are [uncond, cond]
-        self._coef = names, weights * torch.stack(rows)
+        self._coef = self.token, names, weights * torch.stack(rows)
 
     def coefficients(self, batch: int, device, dtype) -> tuple[tuple[str, ...], torch.Tensor | None]:
         """(names, strengths (M, B or 1) or None for all ones) of the current forward."""
-        if self._coef is None or self._coef[0] != self.active() or (self._coef[1] is not None and self._coef[1].shape[1] not in (1, batch)):
+        if self._coef is None or self._coef[0] is not self.token or (self._coef[2] is not None and self._coef[2].shape[1] not in (1, batch)):
             self.prepare(batch, device, dtype)
-        names, coef = self._coef
+        _, names, coef = self._coef
         return names, None if coef is None else coef.to(device, dtype)
 
     def layer_output(self, layer: nn.Module, key: str, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """The general path (any shape, the official composition): the membranes of `key` looked up by name."""
         names = self.active()
         if not names:
             return output
@@ -296,11 +537,11 @@ def membranes_disabled(model: nn.Module, names=None):
     if unknown:
         raise KeyError(f"spm: no membrane named {unknown}; loaded: {list(spm.membranes)}")
     added = set(names) - spm.inactive
-    spm.inactive |= added
+    spm.inactive = spm.inactive | added
     try:
         yield model
     finally:
-        spm.inactive -= added
+        spm.inactive = spm.inactive - added
 
 
 @register_method
