@@ -4,7 +4,8 @@ What works (tested on CPU with 2 gloo processes, see tests/test_fsdp.py):
 - `save_adapter` called on every process gathers the trainable tensors (FSDP2:
   `DTensor.full_tensor()`; FSDP1: `summon_full_params`) and writes one adapter on rank 0, the same
   file an unsharded save of the same weights writes; every rank returns after the file exists
-  (an error on rank 0 is raised on every rank).
+  (an error on rank 0 is raised on every rank). FSDP1's `summon_full_params` unshards the whole
+  model on every rank for the moment of the save; FSDP2 gathers the trainable tensors alone.
 - `summary` counts global numbers (FSDP2: a DTensor's numel is the global one; FSDP1: the original
   shapes recorded in each flat parameter).
 - `merge` refuses: gather first (save the adapter, load it onto an unsharded host, merge there).
@@ -77,11 +78,6 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if is_dtensor(tensor) else tensor
 
 
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor; any other tensor as is."""
-    return tensor.to_local() if is_dtensor(tensor) else tensor
-
-
 def numel_by_param(model: nn.Module) -> dict[int, int]:
     """id(parameter) -> global number of elements, for the original parameters of FSDP1 flat
     parameters (their local views hold only this rank's piece). Empty for other models."""
@@ -96,10 +92,6 @@ def numel_by_param(model: nn.Module) -> dict[int, int]:
             for param, numel in zip(getattr(flat, "_params", None) or [], flat._numels):
                 counts[id(param)] = int(numel)
     return counts
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def run_on_rank0(fn):
