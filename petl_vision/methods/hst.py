@@ -149,16 +149,21 @@ def resize_weights(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
     return F.interpolate(eye, size=n_out, mode="linear", align_corners=False).squeeze(1).t()
 
 
-def resize_tokens(x: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+def resize_tokens(x: torch.Tensor, grid: tuple[int, int], size: tuple[int, int],
+                  weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Bilinear resize of a token map (B, gh*gw, d) -> (B, H*W, d), as `F.interpolate` (bilinear,
     align_corners=False) on (B, d, gh, gw) but with two small matmuls: no layout copies, and a
-    backward that is a matmul too (the CUDA upsample backward scatters with atomics)."""
+    backward that is a matmul too (the CUDA upsample backward scatters with atomics).
+
+    weights: the (H, gh) and (W, gw) `resize_weights` in x's dtype, when already at hand.
+    """
     (gh, gw), (h, w) = grid, size
     if (gh, gw) == (h, w):
         return x
+    rows, cols = weights if weights is not None else (resize_weights(gh, h, x.device).to(x.dtype), resize_weights(gw, w, x.device).to(x.dtype))
     b, _, d = x.shape
-    x = resize_weights(gh, h, x.device).to(x.dtype) @ x.reshape(b, gh, gw * d)  # rows: (B, H, gw*d)
-    x = resize_weights(gw, w, x.device).to(x.dtype) @ x.reshape(b * h, gw, d)  # columns: (B*H, W, d)
+    x = rows @ x.reshape(b, gh, gw * d)  # rows: (B, H, gw*d)
+    x = cols @ x.reshape(b * h, gw, d)  # columns: (B*H, W, d)
     return x.reshape(b, h * w, d)
 
 
@@ -210,10 +215,12 @@ class SideStage(nn.Module):
             x = proj(relu(F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)))
         else:
             x = self.embed(x)
-        size = x.shape[-2:]
+        size = tuple(x.shape[-2:])
         x = self.embed_norm(x.flatten(2).transpose(1, 2))
+        dtype = maps[0].dtype
+        weights = (resize_weights(grid[0], size[0], x.device).to(dtype), resize_weights(grid[1], size[1], x.device).to(dtype))
         for block, meta_norm, meta, vit in zip(self.blocks, self.meta_norms, metas, maps):
-            vit = resize_tokens(vit, grid, size)  # (B, H*W, d)
+            vit = resize_tokens(vit, grid, size, weights)  # (B, H*W, d)
             kv = torch.cat([meta_norm(meta).unsqueeze(1), vit.mean(1, keepdim=True)], dim=1)
             x = block(x, kv, vit)
         return self.norm(x).transpose(1, 2).unflatten(2, size), stats
