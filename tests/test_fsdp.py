@@ -11,10 +11,6 @@ from conftest import ROOT
 
 FSDP2_METHODS = ["ssf", "vpt", "lora", "bitfit", "mask_tuning", "lst", "hst"]
 SHARDED = FSDP2_METHODS + ["ssf_bf16", "ssf_fsdp1", "lora_fsdp1"]
-KNOWN_FAILURES = {  # method -> (text of its error, reason): fails in the method's own code, not in the core
-    "hst": ("setStorage", "HST fails in its backward under FSDP2 ('setStorage: sizes [32, 128] ... out of bounds for "
-                          "storage of size 0'), a freed (resharded) storage used by methods/hst.py, not by the core (issue #15)"),
-}
 EXACT = 1e-5
 
 
@@ -31,9 +27,6 @@ def results(tmp_path_factory):
 def case_result(results, case):
     r = results[case]
     if "error" in r:
-        text, reason = KNOWN_FAILURES.get(case.split("_")[0], (None, None))
-        if text is not None and text in r["error"]:
-            pytest.xfail(reason)
         pytest.fail(f"{case}: {r['error']}\n{r.get('trace', '')}")
     return r
 
