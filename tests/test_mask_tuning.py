@@ -37,6 +37,17 @@ def test_defaults_are_the_official_recipe():
         pv.MaskTuningConfig(grad_dropout_lambda=1.5)
 
 
+class NormOnly(nn.Module):
+    """A model with nothing mask tuning masks (a bare nn.Sequential is refused by pv.apply itself)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x):
+        return self.norm(x)
+
+
 def test_default_targets_on_open_clip_and_timm():
     tower_names = [n for n, _, _ in mt.find_targets(tiny_tower())]
     assert tower_names == ["conv1.weight"] + [
@@ -49,7 +60,7 @@ def test_default_targets_on_open_clip_and_timm():
     resnet = [n for n, m, _ in mt.find_targets(make_host("resnet"))]
     assert resnet and all(isinstance(m, nn.Conv2d) for _, m, _ in mt.find_targets(make_host("resnet")))
     with pytest.raises(pv.UnsupportedHostError, match="found no attention projection or convolution"):
-        pv.apply(nn.Sequential(nn.LayerNorm(4)), "mask_tuning")
+        pv.apply(NormOnly(), "mask_tuning")
     with pytest.raises(pv.UnsupportedHostError, match="matches no weight"):
         pv.apply(tiny_tower(), "mask_tuning", target_params="nothing_here")
 
