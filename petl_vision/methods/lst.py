@@ -149,7 +149,10 @@ class LSTSide(SideNetwork):
             g = gates[j]
             h = torch.lerp(hidden[layer + 1], h, g)  # g * h + (1 - g) * ladder
             h = self.blocks[j](h)
-        h = pool_tokens(self.norm(h), self.pool, self.num_prefix_tokens)
+        if self.pool == "token":  # LayerNorm is per token: norm only the pooled one
+            h = self.norm(h[:, 0])
+        else:
+            h = pool_tokens(self.norm(h), self.pool, self.num_prefix_tokens)
         return self.head(self.upsample(h))
 
     def before_training_forward(self) -> None:
