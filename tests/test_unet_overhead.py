@@ -266,3 +266,17 @@ def test_sara_training_step_against_full(host):
     extra = sara_ops - full_ops
     assert sum(extra.values()) <= 2 * tensors and set(extra) <= {"aten::index_put_", "aten::index_select"}, extra.most_common(6)
     assert all(sara_ops[s] <= full_ops[s] for s in SYNCS)  # AdamW's own (its step counts), no more
+
+
+def test_spm_deepcopy_keeps_its_own_state():
+    import copy
+
+    unet = spm_unet()
+    x = unet_inputs()
+    with torch.no_grad():
+        ref = unet(*x).sample
+        twin = copy.deepcopy(unet)
+        torch.testing.assert_close(twin(*x).sample, ref, rtol=0, atol=0)
+        spm_module(twin).weights["a"] = 0.0  # reaches the copy's next forward, not the original's
+        torch.testing.assert_close(twin(*x).sample, tiny_unet()(*x).sample, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(unet(*x).sample, ref, rtol=0, atol=0)
