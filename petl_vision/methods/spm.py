@@ -195,10 +195,13 @@ class _LayerHook:
         x = args[0]
         tensors = run[1][self.index]
         if x.dtype != tensors[1].dtype:  # an fp32 input under autocast (text states, norm outputs): cast once, reuse
-            cast = spm.cast
-            if cast is None or cast[0] is not x:
-                cast = spm.cast = (x, x.to(tensors[1].dtype))
-            x = cast[1]
+            if torch.compiler.is_compiling():
+                x = x.to(tensors[1].dtype)
+            else:
+                cast = spm.cast
+                if cast is None or cast[0] is not x or cast[2] != x._version:
+                    cast = spm.cast = (x, x.to(tensors[1].dtype), x._version)
+                x = cast[1]
         out = _fast_update(layer, x, output, tensors, run[2])
         return spm.layer_output(layer, self.key, args[0], output) if out is None else out
 
@@ -302,7 +305,7 @@ class SPMModule(nn.Module):
         self._cache: dict[str, tuple] = {}
         self.run: tuple | None = None  # (token, layers, per_sample) of the current forward (see `_Run`)
         self.pending: tuple | None = None  # (batch, device) of a UNet forward whose `_Run` is still to build
-        self.cast: tuple | None = None  # (input, input in the compute dtype): the text states feed every to_k / to_v
+        self.cast: tuple | None = None  # (input, input in the compute dtype, version): the text states feed every to_k / to_v
         self.handles = [layer.register_forward_hook(_LayerHook(self, key, i)) for i, (key, layer) in enumerate(layers.items())]
 
     def changed(self) -> None:
