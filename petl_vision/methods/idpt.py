@@ -19,6 +19,7 @@ in train mode, so the tokenizer's BatchNorm statistics drift and drop-path stays
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 from timm.layers import trunc_normal_
@@ -27,7 +28,7 @@ from torch import nn
 from ..core.errors import UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state
-from ..models.point_mae import PointTransformer
+from ..models.point_mae import CheckpointError, PointTransformer, load_official_state, official_to_ours, read_official_state
 from ..models.pointnet_ops import edge_features, knn
 
 
@@ -163,3 +164,91 @@ class IDPT(Method):
         model.cls_pos.requires_grad_(True)
         if config.official:
             model.register_forward_pre_hook(_train_frozen_parts)
+
+
+# ----------------------------------------------------------------------------- official checkpoints
+# The official generator (`blocks.cls`, a DGCNN "view" module of the prompt encoder): conv1..conv3 are
+# the EdgeConvs (Conv2d 2D -> D, BatchNorm2d, LeakyReLU), conv5 the fusion (Conv1d 3D -> D, BatchNorm1d,
+# LeakyReLU); bn1, bn2, bn3, bn5 are the same BatchNorms registered a second time (duplicate keys).
+_GENERATOR_KEYS = {"conv1": "edge.0", "conv2": "edge.1", "conv3": "edge.2", "conv5": "fuse"}
+_BN_ALIASES = {"bn1": "conv1", "bn2": "conv2", "bn3": "conv3", "bn5": "conv5"}
+
+
+def official_generator_key(key: str) -> str | None:
+    """`blocks.cls.conv2.1.running_mean` or `blocks.cls.bn2.running_mean` -> `edge.1.1.running_mean`; None if unknown."""
+    if not key.startswith("blocks.cls."):
+        return None
+    module, _, rest = key[len("blocks.cls."):].partition(".")
+    if module in _BN_ALIASES:
+        module, rest = _BN_ALIASES[module], "1." + rest
+    return f"{_GENERATOR_KEYS[module]}.{rest}" if module in _GENERATOR_KEYS and rest else None
+
+
+def load_official_idpt_checkpoint(model: PointTransformer, path: str | Path) -> dict[str, list[str]]:
+    """Load an official IDPT fine-tuned checkpoint (`{'base_model': state_dict}`) into `model`.
+
+    model: a PointTransformer with IDPT applied (`pv.apply(model, "idpt", ...)`) whose settings
+        match the run that made the checkpoint: prompt_layer (official configs: 11 of 12 blocks),
+        k (official: 20), head_hidden (256) and the number of classes.
+    Mapping: backbone keys as in `load_official_checkpoint`; the official DGCNN generator
+    `blocks.cls.conv{1,2,3}.{0,1}.*` -> `generator.edge.{0,1,2}.*`, `blocks.cls.conv5.*` ->
+    `generator.fuse.*` (`blocks.cls.bn{1,2,3,5}.*` are duplicates of the conv BatchNorms and must
+    equal them), `prompt_pos` -> the prompt position, `cls_head_finetune.*` (3D inputs) -> `head.*`.
+    Only the "dgcnn" prompt module (the paper's) is supported: any other `blocks.cls.*` key, a
+    missing generator tensor, a missing prompt position / CLS token / head, or a wrong shape
+    raises CheckpointError naming it.
+    Returns {"loaded": [...] (our names), "skipped": [...] (ignored checkpoint keys), "missing": [] }.
+    """
+    prompt = getattr(get_state(model), "idpt", None) if get_state(model) is not None else None
+    if not isinstance(prompt, IDPTPrompt):
+        raise ValueError("load_official_idpt_checkpoint: apply IDPT to the model first (pv.apply(model, 'idpt', ...)); "
+                         f"got a {type(model).__name__} without it")
+    state = read_official_state(path)
+    backbone, generator, aliases, unknown, prompt_pos = {}, {}, {}, [], None
+    for key, value in state.items():
+        name = official_to_ours(key)
+        if name == "prompt_pos":
+            prompt_pos = value
+        elif name.startswith("blocks.cls."):
+            ours = official_generator_key(name)
+            if ours is None:
+                unknown.append(key)
+            elif name[len("blocks.cls."):].split(".")[0] in _BN_ALIASES:
+                aliases[ours] = (key, value)
+            else:
+                generator[ours] = value
+        else:
+            backbone[key] = value
+    if unknown:
+        raise CheckpointError(f"{path}: prompt-generator tensors this loader does not know: {unknown[:6]} ({len(unknown)}); "
+                              "only the official 'dgcnn' prompt module (blocks.cls.conv1/2/3/5, bn1/2/3/5) is supported")
+    for ours, (key, value) in aliases.items():
+        if ours not in generator:
+            generator[ours] = value
+        elif not torch.equal(generator[ours], value):
+            raise CheckpointError(f"{path}: {key} differs from the BatchNorm it duplicates (blocks.cls conv*.1); a damaged checkpoint")
+    if prompt_pos is None:
+        raise CheckpointError(f"{path}: no 'prompt_pos' in this checkpoint: not an IDPT fine-tuned checkpoint "
+                              "(use petl_vision.models.point_mae.load_official_checkpoint for Point-MAE ones)")
+    expected = prompt.generator.state_dict()
+    missing = [k for k in expected if k not in generator]
+    wrong = [f"{k}: {list(v.shape)} vs ours {list(expected[k].shape)}" for k, v in generator.items()
+             if k in expected and v.shape != expected[k].shape]
+    if missing or wrong or prompt_pos.shape != prompt.prompt_pos.shape:
+        parts = ([f"missing generator tensors {missing[:6]} ({len(missing)})"] if missing else []) + (
+            [f"shape mismatch {wrong[:4]}"] if wrong else []) + (
+            [f"prompt_pos {list(prompt_pos.shape)} vs ours {list(prompt.prompt_pos.shape)}"] if prompt_pos.shape != prompt.prompt_pos.shape else [])
+        raise CheckpointError(f"{path}: the IDPT prompt generator does not fit this model (dim {model.dim}, k {prompt.generator.k}): "
+                              + "; ".join(parts))
+    report = load_official_state(model, backbone, source=str(path))
+    absent = [k for k in report["missing"] if not k.endswith("num_batches_tracked")]
+    if absent:
+        raise CheckpointError(f"{path}: a fine-tuned IDPT checkpoint must hold the CLS token, its position and the "
+                              f"{3 * model.dim}-input head; missing or of another shape: {absent[:6]} (skipped: "
+                              f"{[k for k in report['skipped'] if 'head' in k][:3]})")
+    with torch.no_grad():
+        for name, value in generator.items():
+            expected[name].copy_(value)
+        prompt.prompt_pos.copy_(prompt_pos)
+    loaded = report["loaded"] + [f"petl.idpt.generator.{k}" for k in sorted(generator)] + ["petl.idpt.prompt_pos"]
+    return {"loaded": loaded, "skipped": report["skipped"], "missing": report["missing"]}

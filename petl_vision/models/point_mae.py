@@ -16,6 +16,7 @@ VPT runs on it.
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -222,10 +223,30 @@ def load_official_checkpoint(model: PointTransformer, path: str | Path) -> dict[
     Key names are mapped onto ours; decoder, momentum-encoder and dVAE weights are ignored. The CLS
     token, its position and the head may be absent (kept as initialised); a head of another shape is
     skipped. Any other missing or wrongly shaped backbone weight raises CheckpointError naming it.
+    An IDPT fine-tuned checkpoint's prompt generator (`blocks.cls.*`) and `prompt_pos` are not
+    loaded here (a warning says so): apply IDPT and use `petl_vision.methods.idpt.load_official_idpt_checkpoint`.
     Returns {"loaded": [...], "skipped": [...] (ignored checkpoint keys), "missing": [...] (ours, kept)}.
     """
     state = read_official_state(path)
-    ours = model.state_dict()
+    report = load_official_state(model, state, source=str(path))
+    idpt = [k for k in report["skipped"] if official_to_ours(k).startswith(IDPT_KEYS)]
+    if idpt:
+        warnings.warn(f"{path}: an IDPT fine-tuned checkpoint; its prompt generator and prompt position ({len(idpt)} tensors, "
+                      f"e.g. {idpt[0]!r}) were not loaded: apply IDPT, then call "
+                      "petl_vision.methods.idpt.load_official_idpt_checkpoint(model, path)", stacklevel=2)
+    return report
+
+
+# Keys of IDPT's additions in its fine-tuned checkpoints (after official_to_ours).
+IDPT_KEYS = ("blocks.cls.", "prompt_pos")
+
+
+def load_official_state(model: PointTransformer, state: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, list[str]]:
+    """`load_official_checkpoint` on a state dict read already (official key names); `source` names it in errors.
+
+    Only the host's own tensors are matched (those of applied methods, under `petl.`, are not).
+    """
+    ours = {k: v for k, v in model.state_dict().items() if not k.startswith("petl.")}
     loaded, skipped, bad = {}, [], []
     for key, value in state.items():
         name = official_to_ours(key)
@@ -239,7 +260,7 @@ def load_official_checkpoint(model: PointTransformer, path: str | Path) -> dict[
     required = [k for k in missing if not k.startswith(_OPTIONAL) and not k.endswith("num_batches_tracked")]
     if bad or required:
         parts = ([f"shape mismatch {bad[:5]}"] if bad else []) + ([f"missing {required[:8]} ({len(required)})"] if required else [])
-        raise CheckpointError(f"{path}: does not fit this {type(model).__name__} (dim {model.dim}, depth {len(model.blocks)}): {'; '.join(parts)}")
+        raise CheckpointError(f"{source}: does not fit this {type(model).__name__} (dim {model.dim}, depth {len(model.blocks)}): {'; '.join(parts)}")
     with torch.no_grad():
         for name, value in loaded.items():
             ours[name].copy_(value)
