@@ -33,7 +33,7 @@ from torch import nn
 
 from ..core.errors import UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
-from ..core.state import get_state
+from ..core.state import STATE_NAME, get_state
 from ..hosts import classifier_modules, unfreeze_head
 from ..models.pointnet_ops import edge_features, knn
 from ._wrap import select_targets
@@ -58,6 +58,14 @@ class P2PConfig(MethodConfig):
     train_norms: train the image model's norm layers (LayerNorm, BatchNorm, GroupNorm).
     train_cls_token: train the image model's CLS token when it has one.
     train_head: train the classifier head.
+    official: train the official parameter set instead of train_norms / train_cls_token: the image
+        model's parameters whose name contains the official `update_type`, "bn" for ResNets (timm
+        architecture name containing "resnet", so `downsample.1` stays frozen), "norm" otherwise,
+        and the CLS token only when "vit" is in the architecture name (so not on
+        deit_base_patch16_224). ResNet-50 with 40 classes: 211,083 trainable image-model parameters
+        (218,763 by default). The official loss smooths labels with eps / (C - 1) on the other
+        classes: torch's label_smoothing of eps * C / (C - 1) (`official_label_smoothing`; the
+        point-cloud trainer applies it to its label_smoothing when official is set).
     """
 
     name = "p2p"
@@ -71,6 +79,7 @@ class P2PConfig(MethodConfig):
     train_norms: bool = True
     train_cls_token: bool = True
     train_head: bool = True
+    official: bool = False
 
     def __post_init__(self):
         if self.test_views < 1:
@@ -243,6 +252,24 @@ def model_image_size(model: nn.Module) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
+def official_architecture(model: nn.Module) -> str:
+    """The timm architecture name the official rules key on (`pretrained_cfg["architecture"]`, e.g.
+    "resnet50", "deit_base_patch16_224"), lower case; "" when unknown."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture") or "").lower()
+
+
+def official_label_smoothing(eps: float, num_classes: int) -> float:
+    """torch's `label_smoothing` equal to the official P2P loss with smoothing eps over C classes.
+
+    The official targets are 1 - eps on the true class and eps / (C - 1) on each other class;
+    torch's are 1 - s + s / C and s / C, equal for s = eps * C / (C - 1) (0.2 -> 0.2051 for 40 classes).
+    """
+    if num_classes < 2:
+        raise ValueError(f"official_label_smoothing: num_classes must be >= 2, got {num_classes}")
+    return eps * num_classes / (num_classes - 1)
+
+
 @register_method
 class P2P(Method):
     name = "p2p"
@@ -268,11 +295,20 @@ class P2P(Method):
         get_state(model).add_module("p2p", projector)
         model.register_forward_pre_hook(projector.points_to_images)
         model.register_forward_hook(projector.average_views)
-        if config.train_norms:
-            for _, module in select_targets(model, lambda m: isinstance(m, NORM_LAYERS)):
-                module.requires_grad_(True)
-        if config.train_cls_token and isinstance(getattr(model, "cls_token", None), nn.Parameter):
-            model.cls_token.requires_grad_(True)
+        if config.official:
+            architecture = official_architecture(model)
+            key = "bn" if "resnet" in architecture else "norm"
+            for name, param in model.named_parameters():  # the image model's, not P2P's own
+                if key in name and not name.startswith(STATE_NAME + "."):
+                    param.requires_grad_(True)
+            if "vit" in architecture and isinstance(getattr(model, "cls_token", None), nn.Parameter):
+                model.cls_token.requires_grad_(True)
+        else:
+            if config.train_norms:
+                for _, module in select_targets(model, lambda m: isinstance(m, NORM_LAYERS)):
+                    module.requires_grad_(True)
+            if config.train_cls_token and isinstance(getattr(model, "cls_token", None), nn.Parameter):
+                model.cls_token.requires_grad_(True)
         if config.train_head:
             unfreeze_head(model, cls.name)
 

@@ -18,6 +18,12 @@ activation (timm's BatchNormAct2d in EfficientNet, MobileNetV3, RegNet, ...) get
 parametrization of their affine weight and bias: SSF after the norm, before its activation.
 
 `merge` folds every scale/shift into the layer it follows, giving back a plain model.
+
+`SSFConfig(official=True)` places SSF as the official code does on Swin and ConvNeXt (on ViT it
+changes nothing): none in Swin's PatchMerging (norm, reduction) nor in ConvNeXt's downsample
+layers, the last ConvNeXt SSF on the features before pooling (`norm_pre`'s output) instead of after
+`head.norm`, and `head.norm` trained. Swin-B: 267,264 SSF parameters (default 278,016); ConvNeXt-B:
+255,232 (default 260,608).
 """
 from __future__ import annotations
 
@@ -30,10 +36,12 @@ import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm, LayerNorm2d
 from timm.layers.fast_norm import fast_layer_norm
+from timm.models.convnext import ConvNeXt, ConvNeXtStage
+from timm.models.swin_transformer import PatchMerging
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..core.errors import UnsupportedHostError
+from ..core.errors import MergeError, UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state
 from ..hosts import unfreeze_head
@@ -55,6 +63,11 @@ class SSFConfig(MethodConfig):
         (default: every eligible layer). A fused attention in-projection is named
         `<attention module>.in_proj` (e.g. "transformer.resblocks.0.attn.in_proj").
     train_head: train the classifier head too (paper: yes).
+    official: the official placement on timm Swin (V1) and ConvNeXt: no SSF in Swin's PatchMerging
+        nor in ConvNeXt's downsample layers; on ConvNeXt the last SSF acts on the features before
+        pooling (not after `head.norm`, which trains instead). Other hosts (ViT, ...): no change.
+        A ConvNeXt so adapted cannot be merged (the features before pooling feed the head's
+        LayerNorm, into which a per-channel affine does not fold).
     """
 
     name = "ssf"
@@ -62,6 +75,7 @@ class SSFConfig(MethodConfig):
     target_modules: str | None = None
     train_head: bool = True
     save_output: bool = True
+    official: bool = False
 
 
 # Layer types whose output channels SSF scales, and where those channels are: -1 = last dim
@@ -201,15 +215,16 @@ class SSFLayer(WrapperLayer):
     save_output=False: "input" everywhere, the official form.
     """
 
-    def __init__(self, base: nn.Module, num_channels: int, channel_dim: int, init_std: float = 0.02, save_output: bool = True):
+    def __init__(self, base: nn.Module, num_channels: int, channel_dim: int, init_std: float = 0.02, save_output: bool = True,
+                 like: torch.Tensor | None = None):
         super().__init__(base)
-        ref = next(base.parameters())
+        ref = like if like is not None else next(base.parameters())  # like: device and dtype for a parameter-free base
         self.channel_dim = channel_dim
         self.save_output = save_output and channel_dim == -1
         widening = not isinstance(base, nn.Linear) or base.in_features <= base.out_features
         if not save_output:
             self.mode = "input"
-        elif not isinstance(base, (nn.Linear, nn.modules.conv._ConvNd)):
+        elif isinstance(base, _NORMS):
             self.mode = "norm"
         elif isinstance(base, nn.Linear) and widening:
             self.mode = "linear"
@@ -368,6 +383,30 @@ def _tensor_sites(model: nn.Module, pattern: str | None = None) -> list[tuple[st
     return [site for site in sites if regex is None or regex.search(site[0])]
 
 
+def _official_exclusions(model: nn.Module) -> set[int]:
+    """ids of the modules the official code gives no SSF (`SSFConfig.official`): everything inside
+    timm Swin's PatchMerging and ConvNeXt's stage downsample layers, and ConvNeXt's head (its norm)."""
+    skipped = [m for m in model.modules() if isinstance(m, PatchMerging)]
+    skipped += [m.downsample for m in model.modules() if isinstance(m, ConvNeXtStage)]
+    if isinstance(model, ConvNeXt):
+        skipped.append(model.head)
+    return {id(sub) for m in skipped for sub in m.modules()}
+
+
+def _attach_official_convnext(model: nn.Module, config: SSFConfig) -> None:
+    """The official ConvNeXt's last SSF, on the features before pooling (N, C, H, W), and `head.norm` trained.
+
+    With timm's default head (pool -> norm -> fc) `norm_pre` is an Identity: it gets an SSFLayer of
+    its own. A `norm_pre` norm (head_norm_first models) is already an ordinary SSF target.
+    """
+    if isinstance(model.norm_pre, nn.Identity):
+        like = next(model.stages.parameters())
+        model.norm_pre = SSFLayer(model.norm_pre, model.num_features, 1, config.init_std, config.save_output, like=like)
+    norm = getattr(model.head, "norm", None)
+    if isinstance(norm, nn.Module):
+        norm.requires_grad_(True)
+
+
 @register_method
 class SSF(Method):
     name = "ssf"
@@ -387,6 +426,10 @@ class SSF(Method):
     def attach(cls, model: nn.Module, config: SSFConfig) -> None:
         targets = _wrapper_targets(model, config.target_modules)
         sites = _tensor_sites(model, config.target_modules)
+        if config.official:
+            skip = _official_exclusions(model)
+            targets = [t for t in targets if id(t[1]) not in skip]
+            sites = [s for s in sites if id(s[1]) not in skip]
         if not targets and not sites:
             raise UnsupportedHostError(f"ssf: target_modules={config.target_modules!r} matches no eligible layer of {type(model).__name__}")
         for name, module, channels in targets:
@@ -398,11 +441,20 @@ class SSF(Method):
             parametrize.register_parametrization(module, bias_attr, owner)
             for attr, rows in weights:
                 parametrize.register_parametrization(module, attr, RowScale(owner, rows))
+        if config.official and isinstance(model, ConvNeXt):
+            _attach_official_convnext(model, config)
         if config.train_head:
             unfreeze_head(model, cls.name)
 
     @classmethod
     def merge(cls, model: nn.Module, config: SSFConfig) -> None:
+        unfoldable = [name for name, m in model.named_modules() if isinstance(m, SSFLayer) and isinstance(m.base, nn.Identity)]
+        if unfoldable:
+            raise MergeError(
+                f"merge: ssf cannot fold the SSF on {unfoldable} (SSFConfig.official=True on ConvNeXt: it acts on the "
+                "features before pooling, which feed the head's LayerNorm); apply SSF with official=False to merge, "
+                "or save it with save_adapter"
+            )
         towers = {id(t.conv1): t for t in vision_towers(model)}
         for name, module in list(model.named_modules()):
             if isinstance(module, SSFLayer):

@@ -36,9 +36,11 @@ class VPTConfig(MethodConfig):
 
     num_prompts: prompts per layer, P.
     deep: a fresh set of prompts before every block (VPT-deep) or only before the first (shallow).
-    dropout: dropout on the prompts (paper default 0).
+    dropout: dropout on the prompts (paper default 0), after their expansion over the batch: one
+        mask per sample, as the official code.
     project_dim: if > 0, prompts have this width and a Linear projects them to the model width
-        (the official PROJECT option); -1 = no projection (default).
+        (the official PROJECT option and init: kaiming-normal fan-out weight, nn.Linear's default
+        bias); -1 = no projection (default).
     train_head: train the classifier head too (paper: yes).
     """
 
@@ -119,18 +121,22 @@ class VPTPrompts(nn.Module):
         self.prompts = nn.Parameter(torch.empty(num_layers, config.num_prompts, prompt_dim, device=ref.device, dtype=ref.dtype).uniform_(-bound, bound))
         if config.project_dim > 0:
             self.proj = nn.Linear(prompt_dim, host.dim, device=ref.device, dtype=ref.dtype)
-            nn.init.kaiming_normal_(self.proj.weight, a=0, mode="fan_out")
-            nn.init.zeros_(self.proj.bias)
+            nn.init.kaiming_normal_(self.proj.weight, a=0, mode="fan_out")  # official; the bias keeps nn.Linear's init
         else:
             self.proj = nn.Identity()
         self.dropout = nn.Dropout(config.dropout)
 
     def layer_prompts(self, layer: int, batch: int) -> torch.Tensor:
-        """(B, P, dim) prompts of one layer (a view of the (P, dim) prompts expanded over the batch)."""
+        """(B, P, dim) prompts of one layer: the (P, dim) prompts (projected) expanded over the batch,
+        a view unless dropout is active; dropout then draws one mask per sample, as the official
+        ``dropout(proj(prompts).expand(B, -1, -1))``."""
         prompts = self.prompts[layer]
-        if not isinstance(self.proj, nn.Identity) or (self.dropout.p > 0 and self.training):
-            prompts = self.dropout(self.proj(_at_use_dtype(prompts)))
-        return prompts.unsqueeze(0).expand(batch, -1, -1)
+        if not isinstance(self.proj, nn.Identity):
+            prompts = self.proj(_at_use_dtype(prompts))
+        prompts = prompts.unsqueeze(0).expand(batch, -1, -1)
+        if self.dropout.p > 0 and self.training:
+            prompts = self.dropout(_at_use_dtype(prompts))
+        return prompts
 
     def insert(self, layer: int, block: nn.Module, args: tuple, kwargs: dict):
         """Pre-hook of the first block (deep: of every block): (B, N, D) -> (B, N + P, D)."""
