@@ -1,5 +1,7 @@
 """Fidelity to the official code (issue 13): SSF's official placement, VPT's prompt dropout and
 projection init, P2P's official trainable set and loss, mask tuning's per-micro-batch noise."""
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -161,3 +163,20 @@ def test_p2p_official_label_smoothing_equals_the_official_loss():
     assert not torch.allclose(F.cross_entropy(logits, target, label_smoothing=eps), official)
     with pytest.raises(ValueError, match="num_classes"):
         official_label_smoothing(eps, 1)
+
+
+def test_p2p_official_run_uses_the_official_label_smoothing(tmp_path):
+    import yaml
+
+    from petl_vision.train.pointcloud import load_point_config, train_pointcloud
+
+    overrides = ["data.num_points=64", "data.samples_per_class=1", "data.eval_samples_per_class=1", "epochs=1",
+                 "batch_size=8", "eval_batch_size=8", "sched.warmup_epochs=0", "progress=false",
+                 "model_kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}", "method.k=4",
+                 "method.test_views=1", "method.graph_dim=16", "method.official=true", f"output_dir={tmp_path}"]
+    cfg = load_point_config(Path(__file__).resolve().parents[1] / "configs" / "pointcloud_synthetic_p2p.yaml", overrides)
+    assert cfg.train.label_smoothing == 0.2
+    result = train_pointcloud(cfg)
+    record = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert record["label_smoothing"] == pytest.approx(0.2 * 8 / 7)  # 8 synthetic classes
+    assert result["model"].cls_token.requires_grad  # 'vit' in vit_tiny_patch16_224

@@ -87,6 +87,11 @@ def train_pointcloud(cfg: PointTrainConfig, resume: str | Path | bool | None = N
     set_seed(tc.seed)  # the backbone's random initialisation follows the seed
     train_ds, eval_ds, data_classes = build_point_datasets(cfg.data)
     num_classes = tc.num_classes or data_classes
+    if tc.method.name == "p2p" and tc.method.overrides.get("official") and tc.label_smoothing:
+        from petl_vision.methods.p2p import official_label_smoothing
+
+        # the official P2P loss: eps / (C - 1) on the other classes (recorded in config.yaml as torch's value)
+        tc = dataclasses.replace(tc, label_smoothing=official_label_smoothing(tc.label_smoothing, num_classes))
     model = build_point_model(tc, num_classes)
     return train(tc, resume, stop_after_epoch, model=model, data=(train_ds, eval_ds, num_classes),
                  drop_last=len(train_ds) > tc.batch_size, config_record=record, overwrite=overwrite)
