@@ -87,3 +87,89 @@ def test_idpt_official_checkpoint_errors(tmp_path):
             load_official_idpt_checkpoint(trained_idpt(2), tmp_path / f"{name}.pth")
     with pytest.raises(ValueError, match="apply IDPT to the model first"):
         load_official_idpt_checkpoint(PointTransformer(**POINT), tmp_path / "alias.pth")
+
+
+# ----------------------------------------------------------------------------- LST (item 7)
+def lst_host(seed=0):
+    from conftest import make_host
+
+    model = make_host("vit", seed)  # timm ViT, width 32, 2 heads
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # distinct norm weights, so channel choices show
+                p.copy_(1 + torch.randn(p.shape, generator=g))
+    return model
+
+
+def keep_largest(score, k):
+    """Indices of the k largest entries, in increasing order (the official `select_weights` keeps the order)."""
+    order = sorted(range(len(score)), key=lambda i: -float(score[i]))[:k]
+    return torch.tensor(sorted(order))
+
+
+def test_lst_official_pruning_keeps_a_row_set_per_linear():
+    import copy
+
+    host = lst_host()
+    model = pv.apply(copy.deepcopy(host), "lst", init="magnitude", official=True)
+    side, D, d, hidden = model.petl.lst, 32, 4, 16
+    imp = lambda w: w.detach().abs()  # noqa: E731  (magnitude: the official importance is the weight itself)
+    prev = keep_largest(imp(host.patch_embed.proj.weight).reshape(D, -1).sum(1), d)
+    sets = [prev]
+    for src, dst in zip(host.blocks, side.blocks):
+        torch.testing.assert_close(dst.norm1.weight, src.norm1.weight[prev], rtol=0, atol=0)
+        q, k, v = (imp(w)[:, prev] for w in src.attn.qkv.weight.chunk(3))
+        rows = keep_largest((q * k * v).sum(1), d)
+        for part in range(3):  # q, k and v keep the same rows, chosen by the product of the three importances
+            expected = src.attn.qkv.weight[part * D + rows][:, prev]
+            torch.testing.assert_close(dst.attn.qkv.weight[part * d:(part + 1) * d], expected, rtol=0, atol=0)
+        new = keep_largest(imp(src.attn.proj.weight)[:, rows].sum(1), d)
+        torch.testing.assert_close(dst.attn.proj.weight, src.attn.proj.weight[new][:, rows], rtol=0, atol=0)
+        torch.testing.assert_close(dst.attn.proj.bias, src.attn.proj.bias[new], rtol=0, atol=0)
+        torch.testing.assert_close(dst.norm2.weight, src.norm2.weight[new], rtol=0, atol=0)
+        h = keep_largest(imp(src.mlp.fc1.weight)[:, new].sum(1), hidden)
+        torch.testing.assert_close(dst.mlp.fc1.weight, src.mlp.fc1.weight[h][:, new], rtol=0, atol=0)
+        prev = keep_largest(imp(src.mlp.fc2.weight)[:, h].sum(1), d)
+        torch.testing.assert_close(dst.mlp.fc2.weight, src.mlp.fc2.weight[prev][:, h], rtol=0, atol=0)
+        sets += [new, prev]
+    torch.testing.assert_close(side.norm.weight, host.norm.weight[prev], rtol=0, atol=0)
+    # the kept residual set changes along the chain (ours keeps one set everywhere)
+    assert len({tuple(s.tolist()) for s in sets}) > 1
+    ours = pv.apply(copy.deepcopy(host), "lst", init="magnitude").petl.lst
+    assert not torch.equal(ours.blocks[0].attn.qkv.weight, side.blocks[0].attn.qkv.weight)
+
+
+def test_lst_fisher_is_the_empirical_fisher():
+    import copy
+
+    import torch.nn.functional as F
+
+    from petl_vision.methods.lst import fisher_scores
+
+    host = lst_host()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(3, 3, 32, 32, generator=g), torch.randint(0, 5, (3,), generator=g)) for _ in range(3)]
+    model = pv.apply(copy.deepcopy(host), "lst", init="fisher", fisher_batches=2)
+    scores = fisher_scores(model, batches, num_batches=2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    reference = dict(copy.deepcopy(host).eval().named_parameters())
+    per_sample = {n: torch.zeros_like(p) for n, p in reference.items()}
+    batch_mean = {n: torch.zeros_like(p) for n, p in reference.items()}
+    plain = copy.deepcopy(host).eval()
+    for x, y in batches[:2]:  # brute force: each sample alone, its squared gradient summed
+        for i in range(len(x)):
+            grads = torch.autograd.grad(F.cross_entropy(plain(x[i:i + 1]), y[i:i + 1]), list(plain.parameters()), allow_unused=True)
+            for (n, _), gr in zip(plain.named_parameters(), grads):
+                if gr is not None:
+                    per_sample[n] += gr.pow(2)
+        grads = torch.autograd.grad(F.cross_entropy(plain(x), y), list(plain.parameters()), allow_unused=True)
+        for (n, _), gr in zip(plain.named_parameters(), grads):
+            if gr is not None:
+                batch_mean[n] += gr.pow(2)
+    assert len(scores) == 2 * 12 + 2 + 1  # 12 tensors per block (2 blocks), the final norm, the patch embedding
+    for pid, score in scores.items():
+        name = names[pid]
+        torch.testing.assert_close(score, per_sample[name], rtol=1e-4, atol=1e-10)
+    qkv = "blocks.0.attn.qkv.weight"
+    assert not torch.allclose(per_sample[qkv], batch_mean[qkv], rtol=0.1)  # the old importance was not the Fisher

@@ -176,15 +176,16 @@ def test_fisher_init_ranks_by_squared_gradients():
     host = randomized_host()
     g = torch.Generator().manual_seed(3)
     batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(3)]
-    # the Fisher importance computed by hand on the plain host, over the first two batches
+    # the empirical Fisher computed by hand on the plain host: every sample of the first two batches alone
     reference = copy.deepcopy(host).eval()
     fisher = {id(p): torch.zeros_like(p) for p in reference.parameters()}
     for x, y in batches[:2]:
-        reference.zero_grad()
-        F.cross_entropy(reference(x), y).backward()
-        for p in reference.parameters():
-            if p.grad is not None:
-                fisher[id(p)] += p.grad.pow(2)
+        for i in range(len(x)):
+            reference.zero_grad()
+            F.cross_entropy(reference(x[i:i + 1]), y[i:i + 1]).backward()
+            for p in reference.parameters():
+                if p.grad is not None:
+                    fisher[id(p)] += p.grad.pow(2)
 
     model = pv.apply(copy.deepcopy(host), "lst", init="fisher", fisher_batches=2)
     assert needs_data_init(model)

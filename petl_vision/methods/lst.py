@@ -19,11 +19,21 @@ Trainable: ladders, gates, side blocks, side norm, upsample, head.
 
 Side-network init (`init`): "random" (timm ViT init), or structured pruning of the backbone's
 blocks down to 1/r of every width: "magnitude" (rows/columns of largest L1 weight, done by `apply`)
-or "fisher" (largest sum of squared gradients over a few training batches: the training script
-calls `init_side_from_backbone(model, loader=...)`). Pruning keeps one set of d residual channels
-for the whole side network (so the side blocks, their norms and the side final norm agree), and
-per block the q/k and v dimensions of every head and the MLP hidden units that score highest.
-Ladders and upsample stay random, as in the official code.
+or "fisher" (the empirical Fisher: per-sample squared gradients summed over the samples of a few
+training batches, as the official code does over 1,024 samples; the training script calls
+`init_side_from_backbone(model, loader=...)`). Ladders and upsample stay random, as in the
+official code. Which rows and columns are kept:
+
+- ours (default): one set of d residual channels for the whole side network (so residual adds,
+  the side blocks' norms and the side final norm all index the same channels), and per block the
+  q/k and v dimensions of every head (an equal count per head) and the MLP hidden units that
+  score highest;
+- official (`official=True`, the official `pruning_without_residual`): a chain over the linears in
+  forward order; each linear's columns are the rows its input layer kept, its rows are the d (or
+  hidden) of largest L1 importance over those columns, and a norm takes the rows of the linear
+  before it. q, k and v keep one row set, ranked by the product of their importances; heads are
+  ignored. The first set is the patch embedding's output channels (T5: the token embedding's);
+  the kept residual set changes after every attention projection and fc2.
 """
 from __future__ import annotations
 
@@ -57,7 +67,11 @@ class LSTConfig(MethodConfig):
     init: side-network init: "random", "magnitude" (pruned from the backbone by L1 magnitude when
         applied) or "fisher" (pruned by Fisher importance: call `init_side_from_backbone` with a
         training loader; the paper's choice).
-    fisher_batches: training batches for the Fisher importance (init="fisher").
+    fisher_batches: training batches for the Fisher importance (init="fisher"); the importance
+        sums the squared gradient of every sample of these batches (official: 1,024 samples, so
+        fisher_batches = 1024 / batch size reproduces it).
+    official: prune as the official code does (per-linear row sets, q/k/v by the product of their
+        importances; see the module docstring); False keeps one residual channel set and heads intact.
     """
 
     name = "lst"
@@ -68,6 +82,7 @@ class LSTConfig(MethodConfig):
     num_heads: int = 0
     init: str = "random"
     fisher_batches: int = 8
+    official: bool = False
 
     def __post_init__(self):
         if self.reduction < 1:
@@ -119,7 +134,7 @@ class LSTSide(SideNetwork):
         self.width, self.mlp_hidden, self.num_heads = width, mlp_hidden, heads
         self.temperature = config.gate_temperature
         self.num_prefix_tokens, self.pool = host.num_prefix_tokens, pool_kind(model, host)
-        self.init_mode, self.fisher_batches = config.init, config.fisher_batches
+        self.init_mode, self.fisher_batches, self.official = config.init, config.fisher_batches, config.official
         self.init_pending = config.init == "fisher"
         norm_layer = functools.partial(nn.LayerNorm, eps=eps)
         self.ladders = nn.ModuleList(nn.Linear(dim, width, **kw) for _ in range(len(layers) + 1))
@@ -219,10 +234,8 @@ def _prune_copy(side: LSTSide, host: TokenHost, scores: dict) -> None:
         _copy(dst.mlp.fc2, src["fc2"], keep, mlp)
         _copy(dst.norm1, src["norm1"], keep)
         _copy(dst.norm2, src["norm2"], keep)
-        for name in ("ls1", "ls2"):
-            gamma = getattr(getattr(host.blocks[layer], name, None), "gamma", None)
-            if gamma is not None:
-                getattr(dst, name).gamma.copy_(gamma[keep])
+        _copy_gamma(dst, host.blocks[layer], "ls1", keep)
+        _copy_gamma(dst, host.blocks[layer], "ls2", keep)
     if isinstance(host.norm, nn.LayerNorm) and host.norm.weight is not None and host.norm.weight.shape == (D,):
         _copy(side.norm, host.norm, keep)
 
@@ -235,19 +248,69 @@ def _copy(dst: nn.Module, src: nn.Module, rows: torch.Tensor, cols: torch.Tensor
         dst.bias.copy_(src.bias[rows])
 
 
-def _pruned_params(host: TokenHost) -> list[nn.Parameter]:
+@torch.no_grad()
+def _prune_copy_official(side: LSTSide, host: TokenHost, scores: dict, embed: torch.Tensor | None) -> None:
+    """The official chain: every linear keeps the rows of largest L1 importance over the columns its input kept.
+
+    scores: id(host parameter) -> importance of the same shape. embed: the patch embedding's weight
+    (D, ...), whose rows (output channels) give the first set; None: the first block's qkv columns.
+    """
+    host_parts = [_block_parts(b) for b in host.blocks]
+    D, d = host.dim, side.width
+    s = lambda module: scores[id(module.weight)]  # noqa: E731
+    first = s(host_parts[side.layers[0]]["qkv"]).sum(0) if embed is None else scores[id(embed)].reshape(D, -1).sum(1)
+    prev = _top(first, d)
+    for j, layer in enumerate(side.layers):
+        src, dst = host_parts[layer], side.blocks[j]
+        _copy(dst.norm1, src["norm1"], prev)
+        q, k, v = s(src["qkv"])[:, prev].chunk(3, dim=0)
+        rows = _top((q * k * v).abs().sum(1), d)  # one row set for q, k and v
+        _copy(dst.attn.qkv, src["qkv"], torch.cat([rows, D + rows, 2 * D + rows]), prev)
+        prev = _top(s(src["proj"])[:, rows].abs().sum(1), d)
+        _copy(dst.attn.proj, src["proj"], prev, rows)
+        _copy_gamma(dst, host.blocks[layer], "ls1", prev)
+        _copy(dst.norm2, src["norm2"], prev)
+        hidden = _top(s(src["fc1"])[:, prev].abs().sum(1), side.mlp_hidden)
+        _copy(dst.mlp.fc1, src["fc1"], hidden, prev)
+        prev = _top(s(src["fc2"])[:, hidden].abs().sum(1), d)
+        _copy(dst.mlp.fc2, src["fc2"], prev, hidden)
+        _copy_gamma(dst, host.blocks[layer], "ls2", prev)
+    if isinstance(host.norm, nn.LayerNorm) and host.norm.weight is not None and host.norm.weight.shape == (D,):
+        _copy(side.norm, host.norm, prev)
+
+
+def _copy_gamma(dst: nn.Module, src: nn.Module, name: str, rows: torch.Tensor) -> None:
+    gamma = getattr(getattr(src, name, None), "gamma", None)
+    if gamma is not None:
+        getattr(dst, name).gamma.copy_(gamma[rows])
+
+
+def _patch_embedding(model: nn.Module, host: TokenHost) -> nn.Parameter | None:
+    """The patch embedding's weight (D, C, ph, pw): timm's `patch_embed.proj`, open_clip's `visual.conv1`; else None."""
+    for owner in (model, getattr(model, "visual", None)):
+        conv = getattr(getattr(owner, "patch_embed", None), "proj", None) or getattr(owner, "conv1", None)
+        weight = getattr(conv, "weight", None)
+        if isinstance(weight, nn.Parameter) and weight.shape[0] == host.dim:
+            return weight
+    return None
+
+
+def _pruned_params(host: TokenHost, embed: nn.Parameter | None = None) -> list[nn.Parameter]:
     params = [p for b in host.blocks for p in b.parameters()]
-    return params + (list(host.norm.parameters()) if host.norm is not None else [])
+    params += list(host.norm.parameters()) if host.norm is not None else []
+    return params + ([embed] if embed is not None else [])
 
 
 def fisher_scores(model: nn.Module, loader, num_batches: int, loss_fn=None) -> dict:
-    """id(param) -> sum over `num_batches` batches of grad^2, for the backbone blocks and final norm.
+    """id(param) -> the empirical Fisher: sum over the samples of `num_batches` batches of (per-sample grad)^2.
 
-    The model runs as the plain host (side network off, host head on), in eval mode, with
-    `loss_fn(logits, targets)` (default cross-entropy). `loader` yields (inputs, targets, ...).
+    Covers the backbone blocks, the final norm and the patch embedding. Each sample runs alone
+    (batch of one), so the model runs as the plain host (side network off, host head on), in eval
+    mode, with `loss_fn(logits, targets)` (default cross-entropy) on that sample. `loader` yields
+    (inputs, targets, ...). Cost: one forward and backward per sample.
     """
     side, host = side_network(model), token_host(model, "lst")
-    params = _pruned_params(host)
+    params = _pruned_params(host, _patch_embedding(model, host))
     flags = [p.requires_grad for p in params]
     scores = {id(p): torch.zeros_like(p) for p in params}
     was_training, device = model.training, params[0].device
@@ -262,12 +325,13 @@ def fisher_scores(model: nn.Module, loader, num_batches: int, loss_fn=None) -> d
             if seen >= num_batches:
                 break
             inputs, targets = batch[0].to(device), batch[1].to(device)
-            logits = model(inputs)
-            logits = logits[0] if isinstance(logits, tuple) else logits
-            grads = torch.autograd.grad(loss_fn(logits, targets), params, allow_unused=True)
-            for p, g in zip(params, grads):
-                if g is not None:
-                    scores[id(p)] += g.detach().pow(2)
+            for i in range(inputs.shape[0]):
+                logits = model(inputs[i:i + 1])
+                logits = logits[0] if isinstance(logits, tuple) else logits
+                grads = torch.autograd.grad(loss_fn(logits, targets[i:i + 1]), params, allow_unused=True)
+                for p, g in zip(params, grads):
+                    if g is not None:
+                        scores[id(p)] += g.detach().pow(2)
             seen += 1
     finally:
         for p, flag in zip(params, flags):
@@ -294,15 +358,19 @@ def init_side_from_backbone(model: nn.Module, mode: str | None = None, loader=No
         raise ValueError(f"init_side_from_backbone: needs a model with 'lst' applied, got {side.method!r}")
     mode = mode or side.init_mode
     host = token_host(model, "lst")
+    embed = _patch_embedding(model, host)
     if mode == "magnitude":
-        scores = {id(p): p.detach().abs() for p in _pruned_params(host)}
+        scores = {id(p): p.detach().abs() for p in _pruned_params(host, embed)}
     elif mode == "fisher":
         if loader is None:
             raise ValueError("init_side_from_backbone(mode='fisher') needs `loader`: batches (inputs, targets) of training data")
         scores = fisher_scores(model, loader, num_batches or side.fisher_batches, loss_fn)
     else:
         raise ValueError(f"init_side_from_backbone: mode must be 'magnitude' or 'fisher', got {mode!r}")
-    _prune_copy(side, host, scores)
+    if side.official:
+        _prune_copy_official(side, host, scores, embed)
+    else:
+        _prune_copy(side, host, scores)
     side.init_pending = False
     return model
 
