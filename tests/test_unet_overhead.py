@@ -280,3 +280,22 @@ def test_spm_deepcopy_keeps_its_own_state():
         spm_module(twin).weights["a"] = 0.0  # reaches the copy's next forward, not the original's
         torch.testing.assert_close(twin(*x).sample, tiny_unet()(*x).sample, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(unet(*x).sample, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_spm_under_inference_mode(autocast):
+    """Strengths and activations made under torch.inference_mode carry no version counter: the forward
+    works, equals the no_grad forward, and nothing derived from inference tensors is reused stale."""
+    unet = spm_unet()
+    spm = spm_module(unet)
+    x = unet_inputs()
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16, enabled=autocast):
+        expected = unet(*x).sample
+    with torch.inference_mode(), torch.autocast("cpu", dtype=BF16, enabled=autocast):
+        spm.strengths = {"a": spm.strengths["a"].clone()}  # an inference tensor
+        torch.testing.assert_close(unet(*x).sample, expected)
+        spm.strengths["a"].mul_(0)  # changed in place: must not be served from the cache
+        off = unet(*x).sample
+    spm.strengths = {"a": torch.zeros(2)}
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16, enabled=autocast):
+        torch.testing.assert_close(off, unet(*x).sample)

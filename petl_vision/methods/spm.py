@@ -199,11 +199,17 @@ class _LayerHook:
                 x = x.to(tensors[1].dtype)
             else:
                 cast = spm.cast
-                if cast is None or cast[0] is not x or cast[2] != x._version:
-                    cast = spm.cast = (x, x.to(tensors[1].dtype), x._version)
+                if cast is None or cast[0] is not x or cast[2] != _version(x):
+                    cast = spm.cast = (x, x.to(tensors[1].dtype), _version(x))
                 x = cast[1]
         out = _fast_update(layer, x, output, tensors, run[2])
         return spm.layer_output(layer, self.key, args[0], output) if out is None else out
+
+
+def _version(t: torch.Tensor):
+    """The in-place version counter of t, the stamp of cached values derived from it. Tensors made under
+    torch.inference_mode have none: a fresh object, equal to nothing, so nothing derived from them is reused."""
+    return object() if t.is_inference() else t._version
 
 
 class _BatchHook:
@@ -408,7 +414,7 @@ class SPMModule(nn.Module):
         rows = None if strengths is None else tuple(strengths.get(n) for n in names)
 
         def key():
-            return names, static, self.token, batch, str(device), dtype, rows and tuple((id(g), g._version) for g in rows if g is not None)
+            return names, static, self.token, batch, str(device), dtype, rows and tuple((id(g), _version(g)) for g in rows if g is not None)
 
         def build():
             if rows is None:
@@ -441,7 +447,7 @@ class SPMModule(nn.Module):
             return [(d, u.flatten(1)) for d, u, _ in params]
 
         def key():
-            return names, dtype, self.token, tuple((id(d), d._version, d.data_ptr(), id(u), u._version, u.data_ptr(), sc) for d, u, sc in params)
+            return names, dtype, self.token, tuple((id(d), _version(d), d.data_ptr(), id(u), _version(u), u.data_ptr(), sc) for d, u, sc in params)
 
         def build():
             downs = [torch.cat([params[i * m + j][0] for j in range(m)]) if m > 1 else params[i][0] for i in range(len(layers))]
