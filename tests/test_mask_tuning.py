@@ -336,6 +336,38 @@ def test_training_hooks_call_the_r_amt_terms():
     assert any(not torch.equal(g, e) for g, e in zip(plain, expected))  # lambda 1 dropped some entries
 
 
+def test_each_micro_batch_of_an_accumulation_step_draws_fresh_noise():
+    """Two backwards at the same optimizer step (gradient accumulation) get different uniform draws:
+    seeds seed * 1_000_003 + step, then + 0x9E3779B1; the next step starts again at micro-batch 0."""
+    from petl_vision.core.registry import TrainStep
+
+    tower = tiny_tower()
+    teacher = copy.deepcopy(tower).eval()
+    pv.apply(tower, "mask_tuning", grad_dropout_lambda=1.0)
+    set_scores(tower, std=0.02)
+    method, config = pv.get_method("mask_tuning"), mt.applied_config(tower)
+    params = [p for p in tower.parameters() if p.requires_grad]
+    x, target = images(), torch.tensor([1, 3])
+
+    def grads(step=None, seed=None):
+        for p in params:
+            p.grad = None
+        logits = tower(x)
+        loss = F.cross_entropy(logits, target)
+        if step is not None:
+            method.backward(tower, config, loss, TrainStep(x, logits, step, 5, lambda v, **kw: v.backward(**kw), teacher))
+        else:
+            kl = mt.kl_to_teacher(logits, teacher(x).detach())
+            mt.gradient_dropout_backward(params, loss, kl, 1.0, generator=torch.Generator().manual_seed(seed))
+        return [p.grad.clone() for p in params]
+
+    first, second, next_step = grads(step=3), grads(step=3), grads(step=4)
+    assert any(not torch.equal(a, b) for a, b in zip(first, second))  # same batch, fresh noise
+    for got, seed in [(first, 5 * 1_000_003 + 3), (second, 5 * 1_000_003 + 3 + 0x9E3779B1), (next_step, 5 * 1_000_003 + 4)]:
+        for g, e in zip(got, grads(seed=seed)):
+            assert torch.equal(g, e)
+
+
 def test_masked_weight_in_the_autocast_dtype_with_exact_gradients():
     """Under bf16 autocast the parametrization yields W * mask in bf16 directly (what the matmul's cast
     would give, bit for bit), and the scores' gradient is exactly grad(W_eff) * W in fp32."""

@@ -374,6 +374,21 @@ def select_by_gradient(model: nn.Module, batches, fraction: float, loss_fn=None,
 # --------------------------------------------------------------------------- the method
 
 
+def noise_seed(model: nn.Module, seed: int, step: int) -> int:
+    """Seed of the gradient-dropout draws of one backward: seed * 1_000_003 + step for the first
+    backward with optimizer step `step`, plus micro * 0x9E3779B1 for the micro-th backward after it
+    at the same step (gradient accumulation; an odd 32-bit constant, as the CPU generator keeps only
+    a seed's low 32 bits: distinct from every other step's seed for any reachable step). The count lives on the model's first mask, so every
+    process counts alike and a resumed run (which restarts at a step boundary) draws as an
+    uninterrupted one."""
+    found = masks(model)
+    holder = found[0][1] if found else model
+    last_step, micro = getattr(holder, "_noise_draw", (None, -1))
+    micro = micro + 1 if last_step == step else 0
+    holder._noise_draw = (step, micro)
+    return (seed * 1_000_003 + step + micro * 0x9E3779B1) % 2**64
+
+
 @register_method
 class MaskTuning(Method):
     name = "mask_tuning"
@@ -429,7 +444,9 @@ class MaskTuning(Method):
     @classmethod
     def backward(cls, model: nn.Module, config: MaskTuningConfig, loss: torch.Tensor, step) -> None:
         """R-AMT's gradient dropout: the task-loss gradient against the gradient of the KL to the
-        frozen model before mask tuning (`step.reference`); uniform draws seeded by (seed, step)."""
+        frozen model before mask tuning (`step.reference`); uniform draws seeded by (seed, step,
+        micro-batch), so each micro-batch of a gradient-accumulation step draws fresh noise (see
+        `noise_seed`; the first micro-batch's seed is seed * 1_000_003 + step)."""
         if step.reference is None:
             raise ValueError("mask_tuning: grad_dropout needs the frozen model from before the method was applied "
                              "(let the trainer apply the method, or set grad_dropout=False)")
@@ -437,7 +454,7 @@ class MaskTuning(Method):
             teacher_logits = step.reference(step.inputs)
         kl = kl_to_teacher(step.outputs.float(), teacher_logits.float(), config.kl_temperature)
         generator = torch.Generator(device=loss.device)
-        generator.manual_seed(step.seed * 1_000_003 + step.step)
+        generator.manual_seed(noise_seed(model, step.seed, step.step))
         params = [p for p in model.parameters() if p.requires_grad]
         gradient_dropout_backward(params, loss, kl, config.grad_dropout_lambda, step.backward, generator)
 
