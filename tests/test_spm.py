@@ -132,8 +132,8 @@ def test_sd14_parameter_count():
 def test_unsupported_hosts():
     from conftest import make_host
 
-    for model in (make_host("vit"), nn.Sequential(nn.Linear(4, 4))):
-        with pytest.raises(pv.UnsupportedHostError, match="spm.*needs a diffusers UNet2DConditionModel.*got"):
+    for model, message in ((make_host("vit"), "spm.*needs a diffusers UNet2DConditionModel.*got"), (nn.Sequential(nn.Linear(4, 4)), "Sequential")):
+        with pytest.raises(pv.UnsupportedHostError, match=message):
             pv.apply(model, "spm")
         assert not hasattr(model, "petl")
     with pytest.raises(ValueError, match="membranes: invalid names"):
@@ -218,7 +218,7 @@ def test_diffusers_lora_export_matches_static_membranes(tmp_path, official):
     lora = spm_format.export_lora(pipe, tmp_path / "lora.safetensors")
     other = tiny_pipeline(tmp_path)
     other.load_lora_weights(str(lora))  # diffusers' own loader (peft)
-    torch.testing.assert_close(run(other.unet), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(run(other.unet), expected, atol=1e-5, rtol=1e-5)  # peft's LoRA sums in another order
 
 
 def test_unload_disabled_weights(tmp_path):
