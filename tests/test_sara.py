@@ -333,3 +333,35 @@ def test_training_hooks_regularise_and_reselect_at_the_step(monkeypatch):
         assert len(calls) == (1 if step >= 3 else 0), step
         assert report == ({"reselection": {"selected": 7}} if step == 3 else None), step
     assert calls == [(unet, optimizer)]
+
+
+def test_official_reselection_resets_state_and_skips_that_update():
+    """official_reselection: re-selected before the progressive step's update (after step at - 1), every
+    entry's optimizer state reset, and the update of step `at` skipped; the default keeps state and
+    updates."""
+    method = pv.get_method("sara")
+    results = {}
+    for official in (False, True):
+        unet = pv.apply(tiny_unet(), "sara", threshold=1e-2, rank_weight=0.0, progressive_step=3, official_reselection=official)
+        config = sara.sara_module(unet).config
+        params = [p for p in unet.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        reports, snapshots = [], []
+        for step in range(1, 5):
+            x, t, c = unet_inputs(step)
+            unet(x, t, c).sample.square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            reports.append(method.on_step(unet, config, optimizer, step, 4))
+            values = [d.values for d in sara.sara_module(unet).deltas().values()]
+            snapshots.append([v.detach().clone() for v in values])
+            if reports[-1] is not None:
+                steps = {optimizer.state[v]["step"].item() if v in optimizer.state else 0 for v in values}
+                results[official] = {"at": step, "steps_after_reselection": steps}
+        results[official]["skipped"] = all(torch.equal(a, b) for a, b in zip(snapshots[2], snapshots[1]))
+        results[official]["moved_after"] = any(not torch.equal(a, b) for a, b in zip(snapshots[3], snapshots[2]))
+    assert results[False]["at"] == 3 and results[True]["at"] == 2
+    assert results[False]["steps_after_reselection"] == {0, 3} or results[False]["steps_after_reselection"] == {3}
+    assert results[True]["steps_after_reselection"] == {0}  # fresh state for every entry
+    assert results[True]["skipped"] and not results[False]["skipped"]  # step 3's update: dropped only officially
+    assert results[True]["moved_after"] and results[False]["moved_after"]

@@ -63,6 +63,10 @@ class SaRAConfig(MethodConfig):
     progressive_fraction: re-select the trainable entries after this fraction of the training steps
         (paper: half); None: never. See `reselect_step` and `reselect`.
     progressive_step: re-select after this absolute step instead (overrides progressive_fraction).
+    official_reselection: re-select as the official optimizer does: before the update of the
+        progressive step, with the optimizer state of every trainable entry reset, and that step's
+        update skipped. Default: after that step's update, keeping the state (moments, step count)
+        of the entries that stay selected.
     train_head: train the classifier head fully; None: when the model has one (timm classifiers).
     """
 
@@ -76,6 +80,7 @@ class SaRAConfig(MethodConfig):
     official_regularizer_defect: bool = False
     progressive_fraction: float | None = 0.5
     progressive_step: int | None = None
+    official_reselection: bool = False
     train_head: bool | None = None
 
     def __post_init__(self):
@@ -250,10 +255,15 @@ class SaRA(Method):
     @classmethod
     def on_step(cls, model: nn.Module, config: SaRAConfig, optimizer, step: int, total_steps: int) -> dict | None:
         """Progressive re-selection (`reselect`, optimizer state kept) after step `reselect_step`;
-        returns its counts {"selected", "kept", "fixed"} then."""
-        if step == reselect_step(model, total_steps):
-            return {"reselection": reselect(model, optimizer)}
-        return None
+        returns its counts {"selected", "kept", "fixed"} then. With `official_reselection` it runs one
+        step earlier, resets the optimizer state of the entries and skips the next update."""
+        at = reselect_step(model, total_steps)
+        if at is None or step != (at - 1 if config.official_reselection else at):
+            return None
+        counts = reselect(model, optimizer)
+        if config.official_reselection:
+            _reset_and_skip_next_update(model, optimizer)
+        return {"reselection": counts}
 
 
 def _check_base(name: str, weight: torch.Tensor, t: dict) -> None:
@@ -373,6 +383,27 @@ def regularization_loss(model: nn.Module, generator: torch.Generator | None = No
         values = values.detach().clone().requires_grad_(True)
     update = delta.dense_update(values).float()
     return config.rank_weight * torch.linalg.matrix_norm(update, ord="nuc")
+
+
+def _reset_and_skip_next_update(model: nn.Module, optimizer) -> None:
+    """The official optimizer at re-selection: every trainable entry starts with fresh state (step 0,
+    zero moments) and the update of this step is skipped (its gradients are dropped before the step)."""
+    inner = optimizer
+    while inner is not None and not isinstance(inner, torch.optim.Optimizer):  # accelerate's wrapper
+        inner = inner.optimizer
+    if inner is None:
+        return
+    values = [delta.values for delta in sara_module(model).deltas().values()]
+    for p in values:
+        inner.state.pop(p, None)
+    handle = None
+
+    def drop_gradients(opt, args, kwargs):
+        for p in values:
+            p.grad = None  # an optimizer skips parameters without a gradient: no update, no state
+        handle.remove()
+
+    handle = inner.register_step_pre_hook(drop_gradients)
 
 
 def reselect_step(model: nn.Module, total_steps: int) -> int | None:
