@@ -173,3 +173,74 @@ def test_lst_fisher_is_the_empirical_fisher():
         torch.testing.assert_close(score, per_sample[name], rtol=1e-4, atol=1e-10)
     qkv = "blocks.0.attn.qkv.weight"
     assert not torch.allclose(per_sample[qkv], batch_mean[qkv], rtol=0.1)  # the old importance was not the Fisher
+
+
+# ----------------------------------------------------------------------------- UniPT (item 8)
+def randomize(side):
+    with torch.no_grad():
+        for p in side.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+
+
+def test_unipt_anchor_is_read_before_the_head_dropout():
+    import timm
+
+    torch.manual_seed(0)
+    host = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2,
+                             num_heads=2, num_classes=5, drop_rate=0.9)  # drop_rate: timm's head dropout only
+    model = pv.apply(host, "unipt")
+    randomize(model.petl.unipt)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = model.eval()(x)
+    torch.manual_seed(1)
+    out = model.train()(x)  # the host's head dropout runs (on the discarded host head) but the anchor is not dropped
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_unipt_clip_anchor_is_the_unnormalised_embedding():
+    from test_clip import CLASSES, images, tiny_clip
+    from test_unipt import reference_unipt
+
+    from petl_vision.clip import CLIPClassifier
+    from petl_vision.methods._side import side_features
+
+    clf = pv.apply(CLIPClassifier(tiny_clip(), CLASSES), "unipt")
+    side = clf.petl.unipt
+    randomize(side)
+    x = images()
+    with torch.no_grad():
+        raw = clf.visual(x)  # ln_post(CLS) @ proj, not normalised
+        features = side_features(clf, x)
+        torch.testing.assert_close(features["pooled"], raw, rtol=0, atol=0)
+        assert not torch.allclose(raw.norm(dim=-1), torch.ones(len(x)))
+        hidden = list(features["hidden"].unbind(1))
+        out = clf(x)
+    # the official formula on the raw embedding, then CLIP's normalisation before the zero-shot head
+    head = side.head
+    side.head = torch.nn.Identity()
+    try:
+        with torch.no_grad():
+            embedding = reference_unipt(side, hidden, raw, lambda t: t[:, 0])
+    finally:
+        side.head = head
+    torch.testing.assert_close(out, head(torch.nn.functional.normalize(embedding, dim=-1)))
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_unipt_no_cls_host_token_zero_when_official(official):
+    from conftest import input_for, make_host
+    from test_lst import hidden_states
+    from test_unipt import reference_unipt
+
+    model = pv.apply(make_host("vit_reg_avg"), "unipt", official=official)  # no CLS: 2 registers, average pool
+    side = model.petl.unipt
+    randomize(side)
+    x = input_for("vit_reg_avg")
+    hs = hidden_states(model, x)
+    n = model.num_prefix_tokens
+    with torch.no_grad():
+        if official:  # token 0 of the last block through the host's norms (norm, fc_norm); token 0 of every layer
+            raw, cls = model.fc_norm(model.norm(hs[-1][:, 0])), (lambda t: t[:, 0])
+        else:  # the pooled feature (mean of the patch tokens) and the patch-token mean of every layer
+            raw, cls = model.forward_head(model.norm(hs[-1]), pre_logits=True), (lambda t: t[:, n:].mean(1))
+        torch.testing.assert_close(model(x), reference_unipt(side, hs, raw, cls))

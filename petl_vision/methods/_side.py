@@ -8,8 +8,10 @@ operations, so the backbone's activations are freed as its forward goes, exactly
 - detach the model's input and check that no backbone parameter requires grad (root pre-hook);
 - capture the embedding output (pre-hook of the first block) and every block output, detached:
   L + 1 hidden states of shape (B, N, D), N = prefix tokens + patch tokens;
-- capture the input of the host's classifier head (B, D): the pooled, normed final feature
-  (UniPT's "raw anchor");
+- capture the pooled final feature (UniPT's "raw anchor"), as the official UniPT reads it: the
+  input of the host's head dropout (timm's `head_drop`, so the anchor is never dropped), else the
+  input of the classifier head; on petl_vision's CLIPClassifier the tower's output before the
+  normalisation (`ln_post(CLS) @ proj`), with `anchor_normalized_after = True`;
 - run the side network in a forward hook of the host's head (the last module of the forward, so
   that under `torch.compile(model)` it is part of the model's graph), and replace the model's
   output with its logits (root forward hook, which does no tensor work).
@@ -137,6 +139,7 @@ class SideNetwork(nn.Module):
         self._logits: torch.Tensor | None = None  # the side network's output of the forward in progress
         self._backbone_params: list[nn.Parameter] = []
         self._warned: set[str] = set()
+        self.anchor_normalized_after = False  # True: `pooled` is CLIP's unnormalised embedding; the host normalises it
 
     def install(self, model: nn.Module, host: TokenHost) -> None:
         """Register the hooks on `model` (the side network must already be inside `model.petl`)."""
@@ -154,7 +157,14 @@ class SideNetwork(nn.Module):
             block.register_forward_hook(self._capture_block)
         heads = classifier_modules(model)
         if heads:
-            heads[0].register_forward_pre_hook(self._capture_pooled)
+            visual, head_drop = getattr(model, "visual", None), getattr(model, "head_drop", None)
+            if isinstance(visual, nn.Module) and callable(getattr(model, "image_features", None)):  # CLIPClassifier
+                visual.register_forward_hook(self._capture_embedding_output)
+                self.anchor_normalized_after = True
+            elif isinstance(head_drop, nn.Module):  # timm: pool -> fc_norm -> head_drop -> head
+                head_drop.register_forward_pre_hook(self._capture_pooled)
+            else:
+                heads[0].register_forward_pre_hook(self._capture_pooled)
             heads[0].register_forward_hook(self._run_side)
         model.register_forward_hook(self._replace_output)
 
@@ -200,6 +210,10 @@ class SideNetwork(nn.Module):
     def _capture_pooled(self, head: nn.Module, args: tuple):
         if self.enabled:
             self._pooled = args[0].detach()
+
+    def _capture_embedding_output(self, tower: nn.Module, args: tuple, output):
+        if self.enabled:
+            self._pooled = (output[0] if isinstance(output, tuple) else output).detach()
 
     def _run_side(self, head: nn.Module, args: tuple, output) -> None:
         """Head hook: every hidden state and the pooled feature are captured; run the side network."""
