@@ -85,6 +85,17 @@ def test_ssf_official_convnext_scales_the_features_before_pooling_and_refuses_me
     assert isinstance(model.norm_pre, SSFLayer)  # nothing changed
 
 
+def test_ssf_official_convnext_adapter_round_trip(tmp_path):
+    model = pv.apply(tiny_convnext(), pv.SSFConfig(official=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))  # head.norm too
+    pv.save_adapter(model, tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(pv.load_adapter(tiny_convnext(), tmp_path).eval()(x), model(x), rtol=0, atol=0)
+
+
 def test_ssf_official_swin_merges():
     torch.manual_seed(0)
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=5, img_size=32, window_size=4,

@@ -213,6 +213,8 @@ class SSFLayer(WrapperLayer):
       on the rest (a residual sum keeps neither; (N, C, ...) outputs may be overwritten in place).
 
     save_output=False: "input" everywhere, the official form.
+    A parameter-free base (the Identity `norm_pre` of a ConvNeXt under `SSFConfig.official`) takes
+    the device and dtype of `like` and cannot be merged.
     """
 
     def __init__(self, base: nn.Module, num_channels: int, channel_dim: int, init_std: float = 0.02, save_output: bool = True,
