@@ -307,3 +307,19 @@ def test_transport_official_and_faithful_composition(tmp_path, official):
     torch.testing.assert_close(out, run(reference, batch), atol=1e-5, rtol=1e-5)
     other_form = add_official(tiny_unet(), [(a, 0.5 * ga), (b, gb)], not official)
     assert (out - run(other_form, batch)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_official_composition_takes_the_first_files_alpha(tmp_path, official):
+    """Files of different alpha: each membrane's own alpha, or (official) the first file's for all."""
+    unet = tiny_unet()
+    a = write_official(tmp_path / "a.safetensors", unet, "snoopy", seed=1)
+    b = write_official(tmp_path / "b.safetensors", unet, "mickey", seed=2)
+    tensors = load_file(b)
+    save_file({k: torch.tensor(4.0) if k.endswith(".alpha") else v for k, v in tensors.items()}, tmp_path / "b4.safetensors",
+              {"prompts": "mickey", "rank": "1", "alpha": "4.0"})
+    save_file({k: v * 4 if k.endswith("lora_up.weight") else v for k, v in tensors.items()}, tmp_path / "b_up4.safetensors")
+    load_spm(unet, [a, tmp_path / "b4.safetensors"], official=official, transport=False)
+    # official: alpha 1 (a's) for both, so b4 acts as b; ours: b4's alpha 4 scales its update, as b's up x 4.
+    expected = add_official(tiny_unet(), [(a, 1.0), (b if official else tmp_path / "b_up4.safetensors", 1.0)], official)
+    torch.testing.assert_close(run(unet), run(expected), atol=1e-5, rtol=1e-5)

@@ -41,7 +41,8 @@ def load_spm(pipe, files, weights=None, transport: bool = True, official: bool =
         pipeline-wide switch for every loaded membrane (`set_transport` changes it later).
         ``pipe(prompt_embeds=...)`` calls use the cosine term only (no token ids exist).
     official: the official inference composition (strength c applied to both matrices: c^2 and cross
-        terms between membranes) instead of each membrane's strength applied once.
+        terms between membranes, every membrane scaled by the first file's alpha) instead of each
+        membrane's strength and alpha applied once.
     names: membrane names (default: the file stems). Returns `pipe`.
     Everything is checked (keys, shapes, names) before the UNet is touched.
     """
@@ -85,6 +86,13 @@ def load_spm(pipe, files, weights=None, transport: bool = True, official: bool =
                 mem.refresh()
             spm.membranes[f.name].requires_grad_(False)
             spm.weights[f.name] = weight_of[f.name]
+        if official:  # the official code sums the files key by key: every key keeps the first file's alpha
+            first = spm.membranes[next(iter(spm.membranes))]
+            for name in new:
+                for key, mem in spm.membranes[name].items():
+                    mem.alpha.copy_(first[key].alpha)
+                    mem.refresh()
+            spm.changed()  # the next forward builds its state anew
     if isinstance(pipe, torch.nn.Module):
         return pipe
     set_transport(pipe, transport)
