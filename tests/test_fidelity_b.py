@@ -244,3 +244,17 @@ def test_unipt_no_cls_host_token_zero_when_official(official):
         else:  # the pooled feature (mean of the patch tokens) and the patch-token mean of every layer
             raw, cls = model.forward_head(model.norm(hs[-1]), pre_logits=True), (lambda t: t[:, n:].mean(1))
         torch.testing.assert_close(model(x), reference_unipt(side, hs, raw, cls))
+
+
+def test_create_point_mae_keeps_the_report(tmp_path):
+    from petl_vision.models.point_mae import create_point_mae
+
+    source = trained_idpt(1)
+    path = tmp_path / "idpt.pth"
+    torch.save(official_idpt_layout(source), path)
+    config = {k: v for k, v in POINT.items() if k != "num_classes"}
+    with pytest.warns(UserWarning, match="IDPT fine-tuned checkpoint"):
+        model = create_point_mae(5, checkpoint=path, **config)
+    report = model.checkpoint_report
+    assert "module.prompt_pos" in report["skipped"] and "cls_token" in report["loaded"]
+    assert any(k.startswith("module.cls_head_finetune.0.weight") for k in report["skipped"])  # the 3D-input head

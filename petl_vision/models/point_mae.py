@@ -160,10 +160,15 @@ POINT_MAE_SMALL = dict(num_group=64, group_size=32, dim=384, depth=12, num_heads
 
 
 def create_point_mae(num_classes: int = 40, checkpoint: str | Path | None = None, **kwargs) -> PointTransformer:
-    """A PointTransformer (Point-MAE size unless kwargs say otherwise), optionally loading an official .pth."""
+    """A PointTransformer (Point-MAE size unless kwargs say otherwise), optionally loading an official .pth.
+
+    With a checkpoint, the loader's report ({"loaded", "skipped", "missing"}) is kept as
+    `model.checkpoint_report`; IDPT fine-tuned checkpoints load with
+    `petl_vision.methods.idpt.load_official_idpt_checkpoint` after applying IDPT (a warning says so).
+    """
     model = PointTransformer(num_classes=num_classes, **{**POINT_MAE_SMALL, **kwargs})
     if checkpoint is not None:
-        load_official_checkpoint(model, checkpoint)
+        model.checkpoint_report = load_official_checkpoint(model, checkpoint)
     return model
 
 
