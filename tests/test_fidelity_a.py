@@ -191,3 +191,16 @@ def test_p2p_official_run_uses_the_official_label_smoothing(tmp_path):
     record = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert record["label_smoothing"] == pytest.approx(0.2 * 8 / 7)  # 8 synthetic classes
     assert result["model"].cls_token.requires_grad  # 'vit' in vit_tiny_patch16_224
+
+
+def test_unmergeable_ssf_refuses_before_a_later_method_is_merged():
+    """can_merge asks each application (official SSF on ConvNeXt cannot fold), and merge refuses before
+    merging anything: the LoRA applied after SSF stays unmerged too."""
+    model = pv.apply(tiny_convnext(), pv.SSFConfig(official=True))
+    pv.apply(model, "lora", include_conv=True)
+    assert not pv.can_merge(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MergeError, match="'ssf'.*official=False"):
+        pv.merge(model)
+    assert model.state_dict().keys() == state.keys() and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert pv.can_merge(pv.apply(tiny_convnext(), "ssf"))

@@ -146,7 +146,7 @@ def summary(model: nn.Module) -> Summary:
 def can_merge(model: nn.Module) -> bool:
     """True when every applied method can be folded into the host's weights."""
     state = get_state(model)
-    return state is not None and all(get_method(a.name).mergeable for a in state.applied)
+    return state is not None and not any(get_method(a.name).merge_blocker(model, a.config) for a in state.applied)
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -165,10 +165,10 @@ def merge(model: nn.Module) -> nn.Module:
     state = get_state(model)
     if state is None:
         raise MergeError("merge: no petl_vision method is applied to this model")
-    blocking = [a.name for a in state.applied if not get_method(a.name).mergeable]
+    blocking = {a.name: reason for a in state.applied if (reason := get_method(a.name).merge_blocker(model, a.config))}
     if blocking:
-        reasons = "; ".join(f"{n!r}: {get_method(n).merge_refusal}" for n in blocking)
-        raise MergeError(f"merge: cannot fold {blocking} into the host's weights ({reasons}); save it with save_adapter instead")
+        reasons = "; ".join(f"{n!r}: {reason}" for n, reason in blocking.items())
+        raise MergeError(f"merge: cannot fold {list(blocking)} into the host's weights ({reasons}); save it with save_adapter instead")
     for applied in reversed(state.applied):
         get_method(applied.name).merge(model, applied.config)
     remove_state(model)

@@ -81,8 +81,14 @@ class Method:
         cls.attach(model, config)
 
     @classmethod
+    def merge_blocker(cls, model: nn.Module, config: MethodConfig) -> str | None:
+        """Why this application cannot be merged, or None when it can. `pv.merge` asks every applied
+        method before merging any. Default: `merge_refusal` unless the method is `mergeable`."""
+        return None if cls.mergeable else cls.merge_refusal
+
+    @classmethod
     def merge(cls, model: nn.Module, config: MethodConfig) -> None:
-        """Fold the method into the host's weights. Only called when `mergeable` is True."""
+        """Fold the method into the host's weights. Only called when `merge_blocker` returned None."""
 
     # ---- training hooks, called by the training loops for every applied method (model: unwrapped)
 

@@ -449,14 +449,18 @@ class SSF(Method):
             unfreeze_head(model, cls.name)
 
     @classmethod
-    def merge(cls, model: nn.Module, config: SSFConfig) -> None:
+    def merge_blocker(cls, model: nn.Module, config: SSFConfig) -> str | None:
         unfoldable = [name for name, m in model.named_modules() if isinstance(m, SSFLayer) and isinstance(m.base, nn.Identity)]
         if unfoldable:
-            raise MergeError(
-                f"merge: ssf cannot fold the SSF on {unfoldable} (SSFConfig.official=True on ConvNeXt: it acts on the "
-                "features before pooling, which feed the head's LayerNorm); apply SSF with official=False to merge, "
-                "or save it with save_adapter"
-            )
+            return (f"no layer to fold the SSF on {unfoldable} into (SSFConfig.official=True on ConvNeXt: it acts on the "
+                    "features before pooling, which feed the head's LayerNorm); apply SSF with official=False to merge")
+        return None
+
+    @classmethod
+    def merge(cls, model: nn.Module, config: SSFConfig) -> None:
+        blocker = cls.merge_blocker(model, config)
+        if blocker:
+            raise MergeError(f"merge: ssf: {blocker}")
         towers = {id(t.conv1): t for t in vision_towers(model)}
         for name, module in list(model.named_modules()):
             if isinstance(module, SSFLayer):
