@@ -1,5 +1,4 @@
 """Fidelity to the official code (issue 13, items 6-8): IDPT checkpoints, LST's pruned init, UniPT's anchor."""
-import warnings
 
 import pytest
 import torch
