@@ -1,5 +1,8 @@
 """scripts/finetune_diffusion.py on a tiny offline pipeline and a generated captioned image folder."""
+import importlib.util
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -164,3 +167,48 @@ def test_unet_conditioning_check():
         check_text_conditioned(sdxl, "sdxl-dir", sdxl=False)
     with pytest.raises(ConfigError, match="class-dir: the UNet needs conditioning besides text states.*class_embed_type"):
         check_text_conditioned(UNet2DConditionModel(**common, class_embed_type="timestep"), "class-dir")
+
+
+xformers_installed = pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed here")
+
+
+@xformers_installed
+def test_attention_xformers_not_installed_and_bad_value(pipeline_dir, data_dir, tmp_path, capsys, monkeypatch):
+    """attention=xformers without xformers: one `error:` line before the pipeline loads or anything is written
+    (in-process and as a real subprocess); a bad value: one line naming the key and the accepted values."""
+    from petl_vision.train import diffusion
+    from petl_vision.train.cli import run_cli
+
+    monkeypatch.setattr(diffusion, "load_components", lambda cfg: pytest.fail("the pipeline was loaded"))
+    argv = ["--model", str(pipeline_dir), "--data", str(data_dir), "--output-dir", str(tmp_path / "run"), "--max-steps", "1"]
+    main = load_script("finetune_diffusion").main
+    assert run_cli(main, [*argv, "attention=xformers"]) == 2
+    assert capsys.readouterr().err == "error: attention=xformers: xformers is not installed; pip install xformers or use attention=sdpa\n"
+    assert not (tmp_path / "run").exists()
+    assert run_cli(main, [*argv, "attention=flash"]) == 2
+    assert capsys.readouterr().err == ("error: override 'attention=flash': attention must be one of sdpa, xformers, default, "
+                                       "got 'flash'\n")
+    (tmp_path / "c.yaml").write_text("attention: xformers2\n")
+    assert run_cli(main, [*argv, "--config", str(tmp_path / "c.yaml")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'c.yaml'}: attention must be one of sdpa, xformers, default, got 'xformers2'\n"
+
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "finetune_diffusion.py"), *argv, "attention=xformers"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines()[-1] == "error: attention=xformers: xformers is not installed; pip install xformers or use attention=sdpa"
+    assert not (tmp_path / "run").exists()
+
+
+def test_attention_default_trains_as_sdpa(pipeline_dir, data_dir, tmp_path):
+    """attention=default (diffusers' AttnProcessor) gives the losses and adapter of the default sdpa (AttnProcessor2_0)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    runs = {a: run_script(pipeline_dir, data_dir, tmp_path / a, "--max-steps", "2", f"attention={a}", "method.threshold=0.01")
+            for a in ("sdpa", "default")}
+    assert {type(p) for p in runs["sdpa"]["unet"].attn_processors.values()} == {AttnProcessor2_0}
+    assert {type(p) for p in runs["default"]["unet"].attn_processors.values()} == {AttnProcessor}
+    np.testing.assert_allclose(runs["default"]["losses"], runs["sdpa"]["losses"], rtol=1e-5, atol=1e-6)
+    a, b = (load_file(tmp_path / name / "adapter" / "adapter.safetensors") for name in ("sdpa", "default"))
+    # Adam moves entries by about lr (1e-2) whatever their gradient's size: allow 1% of a step for rounding
+    assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4, rtol=0) for k in a)
+    assert any(a[k].abs().max() > 0 for k in a if k.endswith("values"))  # something was trained

@@ -1,4 +1,5 @@
 """SPM erasure training (scripts/erase_concept.py) and evaluation (scripts/evaluate_erasure.py) on a tiny pipeline."""
+import importlib.util
 import json
 from pathlib import Path
 
@@ -119,3 +120,32 @@ def test_evaluate_script(pipeline_dir, tmp_path):
     assert "| snoopy | erased |" in report and "| a red car | preserved |" in report and "![before / after](grid.png)" in report
     assert Image.open(tmp_path / "eval" / "grid.png").size == (2 * 2 * 16 + 4, 2 * 16)
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["concepts"] == result["concepts"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed here")
+def test_attention_choice(pipeline_dir, tmp_path, capsys, monkeypatch):
+    """attention=default trains the membrane of the default sdpa; attention=xformers without xformers is one
+    `error:` line before anything is loaded or written; a bad value names the key and the accepted values."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from petl_vision.train import erase
+    from petl_vision.train.cli import run_cli
+
+    main = load_script("erase_concept").main
+    argv = ["--max-steps", "2", f"model={pipeline_dir}", "anchors=2", *FAST]
+    runs = {a: main([*argv, "--output-dir", str(tmp_path / a), f"attention={a}"]) for a in ("sdpa", "default")}
+    assert {type(p) for p in runs["default"]["unet"].attn_processors.values()} == {AttnProcessor}
+    losses = {a: [step[k] for step in r["losses"] for k in ("loss", "erase", "anchor")] for a, r in runs.items()}
+    assert losses["default"] == pytest.approx(losses["sdpa"], rel=1e-5, abs=1e-9) and losses["sdpa"][-1] > 0
+    a, b = (load_file(tmp_path / n / "snoopy_last.safetensors") for n in ("sdpa", "default"))
+    # Adam's first steps move every entry by about lr (3e-3) whatever its gradient's size: the processors' rounding
+    # of near-zero gradients shows up as up to ~1e-4 / 3e-3 of a step
+    assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=2e-4, rtol=0) for k in a)
+
+    monkeypatch.setattr(erase, "load_parts", lambda cfg: pytest.fail("the pipeline was loaded"))
+    capsys.readouterr()
+    assert run_cli(main, [*argv, "--output-dir", str(tmp_path / "x"), "attention=xformers"]) == 2
+    assert capsys.readouterr().err == "error: attention=xformers: xformers is not installed; pip install xformers or use attention=sdpa\n"
+    assert not (tmp_path / "x").exists()
+    assert run_cli(main, [*argv, "attention=xformer"]) == 2
+    assert capsys.readouterr().err == "error: override 'attention=xformer': attention must be one of sdpa, xformers, default, got 'xformer'\n"

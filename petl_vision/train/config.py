@@ -446,7 +446,8 @@ RANGE_EXEMPT = {"model_kwargs", "method"}  # free-form sections: their owners ch
 
 # The accepted strings of keys that mean the same in every trainer's config.
 KEY_CHOICES = {"mixed_precision": ("no", "fp16", "bf16"), "optim.name": ("adamw", "sgd"),
-               "optim.lr_scaling": ("none", "linear256"), "sched.name": ("cosine", "constant")}
+               "optim.lr_scaling": ("none", "linear256"), "sched.name": ("cosine", "constant"),
+               "attention": ("sdpa", "xformers", "default")}  # the diffusion trainers' attention processors
 
 
 def check_value(value, source: str, key: str) -> None:

@@ -19,6 +19,7 @@ VAE kept in fp32 (SDXL's VAE overflows in fp16), validation with StableDiffusion
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import typing
 from dataclasses import dataclass, field
@@ -42,7 +43,10 @@ METHODS = ("sara", "lora", "full")
 LORA_DEFAULTS = {"r": 4, "alpha": 4.0, "target_modules": r"to_(q|k|v|out\.0)$", "train_head": False}
 # Config keys that do not change what is trained: a run may be resumed with other values.
 IGNORED_KEYS = ("output_dir", "progress", "overwrite", "keep_checkpoints", "checkpoint_every", "validation_prompt",
-                "validation_every", "num_validation_images", "validation_inference_steps", "num_workers", "log_with")
+                "validation_every", "num_validation_images", "validation_inference_steps", "num_workers", "log_with",
+                "attention")
+# The UNet's attention processors (config key `attention`, see set_attention); config.KEY_CHOICES checks the value.
+ATTENTION = ("sdpa", "xformers", "default")
 ARTIFACTS = (*RUN_ARTIFACTS, "unet", "validation")
 
 
@@ -59,6 +63,9 @@ class DiffusionConfig:
     overwrite: replace the run that output_dir holds (else an output_dir holding another run is refused).
     log_with: Accelerate trackers (tensorboard, wandb, ...; comma-separated) for per-step loss / lr and the
         validation images, files under output_dir/logs; metrics.jsonl is always written.
+    attention: the UNet's attention processors: sdpa (diffusers' AttnProcessor2_0, torch's
+        scaled_dot_product_attention), xformers (needs the xformers package and a CUDA GPU) or default
+        (diffusers' plain AttnProcessor). See set_attention.
     """
 
     model: str = "runwayml/stable-diffusion-v1-5"
@@ -92,6 +99,7 @@ class DiffusionConfig:
     progress: bool = True
     overwrite: bool = False
     log_with: str | None = None
+    attention: str = "sdpa"
 
 
 def load_diffusion_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DiffusionConfig:
@@ -161,6 +169,39 @@ def check_text_conditioned(unet, model: str, sdxl: bool = True) -> None:
                           f"support {supported}")
 
 
+def check_attention(attention: str) -> None:
+    """ImportError (xformers not installed) or ValueError (no CUDA GPU) when `attention` cannot run here;
+    the trainers call it before they write or load anything."""
+    if attention not in ATTENTION:
+        raise ConfigError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+    if attention != "xformers":
+        return
+    if importlib.util.find_spec("xformers") is None:
+        raise ImportError("attention=xformers: xformers is not installed; pip install xformers or use attention=sdpa")
+    if not torch.cuda.is_available():
+        raise ValueError("attention=xformers: xformers' memory-efficient attention needs a CUDA GPU and none is visible; "
+                         "use attention=sdpa")
+
+
+def set_attention(unet, attention: str) -> None:
+    """Set the attention processors of every attention layer of `unet` (check_attention first):
+
+    sdpa: diffusers' AttnProcessor2_0 (torch's scaled_dot_product_attention, diffusers' default on torch 2);
+    xformers: `unet.enable_xformers_memory_efficient_attention()` (XFormersAttnProcessor);
+    default: `unet.set_default_attn_processor()` (AttnProcessor: plain matmuls and softmax).
+    The SaRA and SPM plugins work with each of them (tests/test_attention_processors.py).
+    """
+    check_attention(attention)
+    if attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    elif attention == "default":
+        unet.set_default_attn_processor()
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+
+
 def load_unet_and_conditioning(model: str, revision: str | None = None):
     """(unet, TextConditioning) of the pipeline `model`: the UNet, checked to be conditioned like SD
     1.x / 2.x or SDXL, and the tokenizer(s) and text encoder(s) that feed it. ConfigError otherwise."""
@@ -218,6 +259,7 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
 
+    check_attention(cfg.attention)
     trackers = check_trackers(cfg.log_with)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps,
@@ -237,6 +279,7 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
     vae.requires_grad_(False).to(accelerator.device, vae_dtype).eval()
     conditioning.requires_grad_(False).to(accelerator.device, weight_dtype).eval()
     unet.to(accelerator.device)
+    set_attention(unet, cfg.attention)
     pv.apply(unet, cfg.method.name, **method_overrides(cfg))
     hooks = MethodHooks(unet, cfg.max_steps, seed=cfg.seed)
     if hooks.owner is not None:

@@ -48,7 +48,8 @@ from petl_vision.methods.spm import membranes_disabled
 from .conditioning import TextConditioning
 from .config import ConfigError, check_override, coerce, parse_override, read_mapping
 from .checkpoint import check_finite, save_checkpoint
-from .diffusion import ARTIFACTS, config_record, load_unet_and_conditioning, resumable_state, start_diffusion_run
+from .diffusion import (ARTIFACTS, check_attention, config_record, load_unet_and_conditioning, resumable_state, set_attention,
+                        start_diffusion_run)
 from .tracking import MetricsLog, check_trackers, finish_trackers, start_trackers
 
 # A run folder of erase_concept also holds the membranes it wrote.
@@ -71,6 +72,7 @@ class EraseConfig:
     diffusers.optimization.get_scheduler. max_grad_norm: 0 = no clipping (official).
     overwrite: replace the run that output_dir holds (else an output_dir holding another run is refused).
     log_with: Accelerate trackers (tensorboard, wandb, ...) for per-step losses and lr (output_dir/logs).
+    attention: the UNet's attention processors: sdpa (default), xformers or default (diffusion.set_attention).
     """
 
     model: str = "CompVis/stable-diffusion-v1-4"
@@ -108,6 +110,7 @@ class EraseConfig:
     progress: bool = True
     overwrite: bool = False
     log_with: str | None = None
+    attention: str = "sdpa"
 
     @property
     def membrane_name(self) -> str:
@@ -290,6 +293,7 @@ def train_erasure(cfg: EraseConfig, resume: str | Path | bool | None = None, sto
 
     from petl_vision.diffusers.spm_format import save_spm
 
+    check_attention(cfg.attention)
     trackers = check_trackers(cfg.log_with)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers, project_dir=cfg.output_dir)
     set_seed(cfg.seed)
@@ -308,6 +312,7 @@ def train_erasure(cfg: EraseConfig, resume: str | Path | bool | None = None, sto
     pooled = {k: p for k, (_, p) in encoded.items()} if conditioning.sdxl else None
     del conditioning, encoded
     unet.to(device).eval()
+    set_attention(unet, cfg.attention)
     name = cfg.membrane_name
     pv.apply(unet, pv.SPMConfig(rank=cfg.rank, alpha=cfg.alpha, membranes=(name,), prompts=(cfg.concept,)))
     trainable = [p for p in unet.parameters() if p.requires_grad]
