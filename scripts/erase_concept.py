@@ -6,6 +6,8 @@
     accelerate launch scripts/erase_concept.py --model ... --concept ... --mixed-precision bf16
 
 Trailing key=value overrides set any config key (lr=1e-4, anchors=4, surrogate="a dog"); values are YAML.
+attention=sdpa (default: torch's scaled_dot_product_attention), xformers (needs `pip install xformers` and
+a CUDA GPU) or default (diffusers' plain AttnProcessor) sets the UNet's attention processors.
 The result: <output_dir>/<name>_last.safetensors, an official SPM file (load it with
 pv.diffusers.load_spm(pipe, path)), <name>_<step>steps.safetensors at every checkpoint, and
 checkpoints/step_<n> for --resume.

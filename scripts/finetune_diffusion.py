@@ -8,6 +8,8 @@
 
 --data: images with captions in metadata.jsonl ({"file_name", "text"} per line) or same-name .txt files.
 Trailing key=value overrides set any config key (max_steps=100, method.threshold=1e-3); values are YAML.
+attention=sdpa (default: torch's scaled_dot_product_attention), xformers (needs `pip install xformers` and
+a CUDA GPU) or default (diffusers' plain AttnProcessor) sets the UNet's attention processors.
 The result: <output_dir>/adapter (sara, lora; load with pv.load_adapter or pv.diffusers.load_sara)
 or <output_dir>/unet (full), checkpoints/step_<n>, validation/step_<n>_<i>.png.
 """

@@ -159,7 +159,7 @@ def test_spm_fused_after_loading_is_refused_or_exact(tmp_path):
 @pytest.mark.xfail(strict=True, reason=(
     "petl_vision/methods/sara.py: fuse_qkv_projections() after load_sara copies the SaRA-updated to_q / to_k / to_v "
     "weights into to_qkv / to_kv; unload_sara restores to_q / to_k / to_v only, so the fused UNet silently keeps "
-    "SaRA's update (output off by ~0.1), and a SaRA trained while fused gets no gradient through q / k / v"))
+    "SaRA's update (output off by ~0.1)"))
 def test_sara_unload_while_fused_restores_the_unet(tmp_path):
     pipe = tiny_pipeline(tmp_path)
     base = outputs(pipe)
@@ -169,3 +169,32 @@ def test_sara_unload_while_fused_restores_the_unet(tmp_path):
     assert_close(outputs(pipe), loaded)  # holds: the fused copies are taken from the SaRA-updated weights
     pv.diffusers.unload_sara(pipe)
     assert_close(outputs(pipe), base)  # fails: to_qkv / to_kv keep SaRA's update
+
+
+def test_set_attention_choices(monkeypatch):
+    """The trainers' `attention`: sdpa -> AttnProcessor2_0, default -> AttnProcessor, xformers -> diffusers'
+    enable_xformers_memory_efficient_attention (here with the package and a GPU faked), refused without a GPU."""
+    import importlib.util
+
+    from petl_vision.train import diffusion
+    from petl_vision.train.config import ConfigError
+
+    unet = tiny_unet()
+    diffusion.set_attention(unet, "default")
+    assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor}
+    diffusion.set_attention(unet, "sdpa")
+    assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}
+    with pytest.raises(ConfigError, match="attention must be one of sdpa, xformers, default, got 'flash'"):
+        diffusion.set_attention(unet, "flash")
+
+    calls = []
+    monkeypatch.setattr(unet, "enable_xformers_memory_efficient_attention", lambda: calls.append("xformers"))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "xformers" else find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="attention=xformers: .* needs a CUDA GPU"):
+        diffusion.set_attention(unet, "xformers")
+    assert calls == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    diffusion.set_attention(unet, "xformers")
+    assert calls == ["xformers"]
