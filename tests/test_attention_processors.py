@@ -138,28 +138,18 @@ def test_spm_refuses_a_fused_unet(tmp_path):
 
 
 @needs_fusion
-@pytest.mark.xfail(strict=True, reason=(
-    "petl_vision/methods/spm.py: the membranes are forward hooks on to_q / to_k / to_v; fuse_qkv_projections() after "
-    "load_spm adds to_qkv / to_kv copies that FusedAttnProcessor2_0 calls instead, so those membranes silently stop "
-    "acting (UNet output off by ~0.4 with two membranes); unsupported_layout() checks for fused processors only when SPM attaches"))
-def test_spm_fused_after_loading_is_refused_or_exact(tmp_path):
+def test_spm_fused_after_loading_is_refused(tmp_path):
     pipe = tiny_pipeline(tmp_path)
     load_spm(pipe, spm_files(tmp_path, pipe.unet))
     loaded = outputs(pipe)
     pipe.unet.fuse_qkv_projections()
-    try:
-        got = outputs(pipe)
-    except (ValueError, RuntimeError) as e:  # a clear refusal is fine
-        assert "fuse" in str(e)
-        return
-    assert_close(got, loaded)
+    with pytest.raises(RuntimeError, match="fused after the membranes were loaded.*unfuse_qkv_projections"):
+        outputs(pipe)  # the fused copies would run without membranes: refused, not silently wrong
+    pipe.unet.unfuse_qkv_projections()
+    assert_close(outputs(pipe), loaded)
 
 
 @needs_fusion
-@pytest.mark.xfail(strict=True, reason=(
-    "petl_vision/methods/sara.py: fuse_qkv_projections() after load_sara copies the SaRA-updated to_q / to_k / to_v "
-    "weights into to_qkv / to_kv; unload_sara restores to_q / to_k / to_v only, so the fused UNet silently keeps "
-    "SaRA's update (output off by ~0.1)"))
 def test_sara_unload_while_fused_restores_the_unet(tmp_path):
     pipe = tiny_pipeline(tmp_path)
     base = outputs(pipe)
@@ -167,8 +157,12 @@ def test_sara_unload_while_fused_restores_the_unet(tmp_path):
     loaded = outputs(pipe)
     pipe.unet.fuse_qkv_projections()
     assert_close(outputs(pipe), loaded)  # holds: the fused copies are taken from the SaRA-updated weights
+    with pytest.raises(RuntimeError, match="unfuse_qkv_projections"):  # refused before anything changes
+        pv.diffusers.unload_sara(pipe)
+    assert_close(outputs(pipe), loaded)
+    pipe.unet.unfuse_qkv_projections()
     pv.diffusers.unload_sara(pipe)
-    assert_close(outputs(pipe), base)  # fails: to_qkv / to_kv keep SaRA's update
+    assert_close(outputs(pipe), base)
 
 
 def test_set_attention_choices(monkeypatch):

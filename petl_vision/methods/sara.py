@@ -341,6 +341,10 @@ def _remove(model: nn.Module, restore: bool) -> None:
     """Write the values (merge) or the base (restore) into the host tensors and drop SaRA's state."""
     module = sara_module(model)
     _refuse_fused_lora(model)
+    fused = [name for name, m in model.named_modules() if "Fused" in type(getattr(m, "processor", None)).__name__]
+    if fused:  # to_qkv / to_kv were copied from SaRA's weights: restoring to_q / to_k / to_v would leave them updated
+        raise RuntimeError(f"sara: the attention projections are fused ({fused[0]}, ...: unet.fuse_qkv_projections()); "
+                           "call unet.unfuse_qkv_projections() before unloading or merging SaRA")
     module.hook.remove()
     module.fuse_guard.remove()
     for name, delta in module.deltas().items():

@@ -217,10 +217,16 @@ class _BatchHook:
     what all layers read (`SPMModule.begin`): inside the UNet's forward, so torch.compile traces it
     into the UNet's graph (this hook runs no op: it is no graph of its own)."""
 
-    def __init__(self, spm: "SPMModule"):
+    def __init__(self, spm: "SPMModule", model: nn.Module):
         self.spm = spm
+        hooked = {id(layer) for layer in spm.layers.values()}  # diffusers Attention modules whose projections carry membranes
+        self.attentions = [m for m in model.modules() if hasattr(m, "processor") and any(id(c) in hooked for c in m.children())]
 
     def __call__(self, model, args, kwargs):
+        if any("Fused" in type(a.processor).__name__ for a in self.attentions):  # to_qkv / to_kv copies would run instead of the membranes
+            raise RuntimeError("spm: the UNet's attention projections were fused after the membranes were loaded "
+                               "(unet.fuse_qkv_projections()): the membranes on to_q / to_k / to_v would not act; call "
+                               "unet.unfuse_qkv_projections(), or pv.merge the membranes into the UNet before fusing")
         sample = args[0] if args else kwargs.get("sample")
         self.spm.pending = (sample.shape[0], sample.device)
         self.spm.run = None
@@ -578,7 +584,7 @@ class SPM(Method):
         for name in config.membranes:
             spm.add(name, config.rank, config.alpha)
         get_state(model).add_module("spm", spm)
-        spm.handles.append(model.register_forward_pre_hook(_BatchHook(spm), with_kwargs=True))
+        spm.handles.append(model.register_forward_pre_hook(_BatchHook(spm, model), with_kwargs=True))
 
     @classmethod
     @torch.no_grad()
