@@ -147,17 +147,6 @@ SARA_MESSAGES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(SARA_BAD))
-def test_load_sara_bad_files_name_the_file(tmp_path, name):
-    pipe = tiny_pipeline(tmp_path)
-    path = tmp_path / name
-    SARA_BAD[name](path)
-    with pytest.raises(pv.AdapterFileError) as info:
-        load_sara(pipe, path)
-    assert str(info.value).startswith(str(path)) and SARA_MESSAGES[name] in str(info.value)
-    assert not hasattr(pipe.unet, "petl")
-
-
 SPM_BAD = {
     "garbage.safetensors": _garbage,
     "truncated.safetensors": lambda p: _truncated(p, lambda q: write_official(q, tiny_unet(), "snoopy", seed=1)),
@@ -174,14 +163,18 @@ SPM_MESSAGES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(SPM_BAD))
-def test_load_spm_bad_files_name_the_file(tmp_path, name):
+BAD_FILES = [(load_sara, name, SARA_BAD[name], SARA_MESSAGES[name]) for name in sorted(SARA_BAD)] + [
+    (load_spm, name, SPM_BAD[name], SPM_MESSAGES[name]) for name in sorted(SPM_BAD)]
+
+
+@pytest.mark.parametrize("load,name,write,message", BAD_FILES, ids=[f"{load.__name__}-{name}" for load, name, _, _ in BAD_FILES])
+def test_bad_files_name_the_file(tmp_path, load, name, write, message):
     pipe = tiny_pipeline(tmp_path)
     path = tmp_path / name
-    SPM_BAD[name](path)
+    write(path)
     with pytest.raises(pv.AdapterFileError) as info:
-        load_spm(pipe, path)
-    assert str(info.value).startswith(str(path)) and SPM_MESSAGES[name] in str(info.value)
+        load(pipe, path)
+    assert str(info.value).startswith(str(path)) and message in str(info.value)
     assert not hasattr(pipe.unet, "petl")
 
 

@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 import torch._dynamo
-from test_sara import tiny_unet, unet_inputs
+from test_sara import one_thread, tiny_unet, unet_inputs  # noqa: F401  (one_thread: module-wide fixture)
 
 import petl_vision as pv
 from petl_vision.bench.footprint import saved_bytes
@@ -31,12 +31,6 @@ METADATA = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def profile(fn) -> torch.profiler.profile:
