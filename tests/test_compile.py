@@ -1,8 +1,9 @@
 """torch.compile on adapted models (issue #14): same outputs and gradients as eager, graph breaks counted.
 
-One tiny host per method and host kind (the full method x host grid runs eagerly in test_autocast).
-The `aot_eager` backend traces forward and backward through dynamo and AOTAutograd exactly as
-inductor would see them, without generating kernels, so the suite stays fast on CPU.
+1. one tiny host per method (and a CNN for the layer-wise methods), in train mode: the `aot_eager`
+   backend traces forward and backward through dynamo and AOTAutograd exactly as inductor would see
+   them, without generating kernels, so the suite stays fast on CPU;
+2. every method x tiny host pair of test_autocast's grid: one graph, the eager forward exactly.
 """
 import pytest
 import torch
@@ -69,3 +70,19 @@ def test_compiled_matches_eager(method, host):
     assert grads.keys() == ref_grads.keys() and grads, f"{method}: compiled backward reached other parameters"
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{method} {n}: {m}")
+
+
+@pytest.mark.parametrize("method,host", CASES)
+def test_every_pair_compiles_in_one_graph(method, host):
+    """Every method x tiny host that runs eagerly traces into one graph (fullgraph: no break; P2P's
+    point-to-image pre-hook is its one known break) and gives the eager forward exactly (dynamo's
+    `eager` backend: tracing only, cheap enough for the whole grid)."""
+    kind = pv.get_method(method).input_kind
+    model = build(host, kind)
+    pv.apply(model, method, **method_args(method, model))
+    model.eval()
+    x = inputs(kind, host)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=MAX_GRAPH_BREAKS.get(method, 0) == 0)
+    with torch.no_grad():
+        assert torch.equal(run(compiled, x), run(model, x)), f"{method} on {host}"
