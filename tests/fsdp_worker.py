@@ -48,26 +48,45 @@ WORLD = 2
 GLOBAL_BATCH = 4
 LR = 0.5
 METHODS = ["ssf", "vpt", "lora", "bitfit", "mask_tuning", "lst", "hst"]
-EXTRA = ["ssf_bf16", "ssf_fsdp1", "lora_fsdp1", "ssf_ddp"]
+EXTRA = ["ssf_bf16", "ssf_fsdp1", "lora_fsdp1", "ssf_ddp", "unet_lora", "point_idpt", "point_vpt"]
+REFUSED = ["unet_sara", "unet_spm"]  # pv.apply works; the first forward of the FSDP2-sharded UNet refuses
 _atomic_write = pv_io.atomic_write
 # Methods with BatchNorm layers in training mode (HST's side stem and fc_norm): the statistics of a
 # rank's half batch are not the global batch's (as under DDP without SyncBatchNorm), so each rank
 # gets the whole batch; the gather/save path under sharding is checked the same way.
-WHOLE_BATCH_ON_EVERY_RANK = {"hst"}
+WHOLE_BATCH_ON_EVERY_RANK = {"hst", "point_idpt", "point_vpt"}  # Point-MAE: BatchNorm in its encoder and head
 
 
-def make_host(depth: int = 2):
+def make_host(depth: int = 2, family: str = "timm"):
     torch.manual_seed(0)
+    if family == "unet":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from test_sara import tiny_unet
+        return tiny_unet().train()
+    if family == "point":
+        from petl_vision.models.point_mae import PointTransformer
+        model = PointTransformer(num_classes=5, num_group=8, group_size=8, dim=32, depth=2, num_heads=2)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0  # the same step on one and two processes (no random masks)
+        return model
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
                              depth=depth, num_heads=2, num_classes=5)
 
 
-def depth_for(method: str) -> int:
-    return 4 if method == "hst" else 2  # HST needs one block group per side stage
+def family_of(case: str) -> str:
+    return case.split("_")[0] if case.startswith(("unet_", "point_")) else "timm"
 
 
-def make_model(method: str):
-    model = pv.apply(make_host(depth_for(method)), method)
+def fresh_host(case: str, method: str):
+    return make_host(4 if method == "hst" else 2, family_of(case))  # HST needs one block group per side stage
+
+
+METHOD_ARGS = {"unet_lora": {"train_head": False}, "point_idpt": {"k": 4}}
+
+
+def make_model(case: str, method: str):
+    model = pv.apply(fresh_host(case, method), method, **METHOD_ARGS.get(case, {}))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # move trainable tensors off their init (LoRA's B is zero) so nothing is equal by accident
         for p in model.parameters():
@@ -76,14 +95,26 @@ def make_model(method: str):
     return model.train()
 
 
-def batch():
+def batch(family: str = "timm"):
+    """(inputs, target): inputs a tuple of model arguments, each with the batch first."""
     g = torch.Generator().manual_seed(2)
-    return torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g), torch.randint(0, 5, (GLOBAL_BATCH,), generator=g)
+    if family == "unet":  # (latents, timesteps, text states), target noise
+        inputs = (torch.randn(GLOBAL_BATCH, 4, 8, 8, generator=g), torch.randint(0, 1000, (GLOBAL_BATCH,), generator=g),
+                  torch.randn(GLOBAL_BATCH, 5, 32, generator=g))
+        return inputs, torch.randn(GLOBAL_BATCH, 4, 8, 8, generator=g)
+    x = torch.randn(GLOBAL_BATCH, 64, 3, generator=g) if family == "point" else torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)
+    return (x,), torch.randint(0, 5, (GLOBAL_BATCH,), generator=g)
 
 
-def sgd_step(model, x, y):
+def outputs(model, inputs):
+    out = model(*inputs)
+    return out.sample if hasattr(out, "sample") else out
+
+
+def sgd_step(model, inputs, y):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
-    loss = F.cross_entropy(model(x).float(), y)
+    out = outputs(model, inputs).float()
+    loss = F.mse_loss(out, y) if out.dim() == 4 else F.cross_entropy(out, y)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -108,30 +139,73 @@ def shard(model, case: str):
         return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True, device_id=torch.device("cpu"))
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if case.endswith("bf16") else MixedPrecisionPolicy()
-    for block in model.blocks:
+    for block in unet_units(model) if family_of(case) == "unet" else model.blocks:
         fully_shard(block, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy)
     return model
 
 
+def unet_units(unet) -> list:
+    """The UNet's FSDP2 units: each down / mid / up block's resnets and attentions (Transformer2DModel),
+    and the time embedding (in the root's group, the LoRA on its layers got a step 2% off the
+    unsharded one: the root's parameters whose output feeds the sharded blocks)."""
+    units = [unet.time_embedding]
+    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        units += [*getattr(block, "resnets", []), *(getattr(block, "attentions", None) or [])]
+    return units
+
+
+def refusals(model, case: str, method: str, folder: Path) -> list:
+    """The messages of pv.merge, pv.load_adapter and pv.apply on sharded models."""
+    messages = []
+    bare = shard(fresh_host(case, method), case)
+    for call, error in ((lambda: pv.merge(model), pv.MergeError), (lambda: pv.load_adapter(bare, folder), ValueError),
+                        (lambda: pv.apply(bare, "bitfit"), TypeError)):
+        try:
+            call()
+            messages.append(None)
+        except error as e:
+            messages.append(str(e))
+    return messages
+
+
+def refused_case(case: str, rank: int) -> dict:
+    """The first forward of the sharded model raises; its message (rank 0) and whether rank 1 raised alike."""
+    method = case.split("_")[1]
+    model = shard(pv.apply(fresh_host(case, method), method), case)
+    inputs, y = batch("unet")
+    try:
+        sgd_step(model, inputs, y)
+        message = None
+    except RuntimeError as e:
+        message = str(e)
+    messages = [None] * WORLD
+    dist.all_gather_object(messages, message)
+    return {"refusals": messages} if rank == 0 else {}
+
+
 def run_case(case: str, rank: int, out: Path) -> dict:
-    method = case.split("_")[0] if case.split("_")[-1] in ("bf16", "fsdp1", "ddp") else case
-    x, y = batch()
-    ref = make_model(method)
+    if case in REFUSED:
+        return refused_case(case, rank)
+    family = family_of(case)
+    method = case.split("_")[1] if family != "timm" else case.split("_")[0] if case.split("_")[-1] in ("bf16", "fsdp1", "ddp") else case
+    inputs, y = batch(family)
+    x = inputs
+    ref = make_model(case, method)
     unsharded_frozen = frozen_bytes(ref, local=False)
     ref_summary = pv.summary(ref)
     sgd_step(ref, x, y)
 
-    model = make_model(method)
+    model = make_model(case, method)
     model = shard(model, case)
     local_frozen = frozen_bytes(model, local=True)
     summ = pv.summary(model)
     class_names = [host_class_name(model), summ.host_class]
     per = GLOBAL_BATCH // WORLD
-    if method in WHOLE_BATCH_ON_EVERY_RANK:
+    if method in WHOLE_BATCH_ON_EVERY_RANK or case in WHOLE_BATCH_ON_EVERY_RANK:
         sgd_step(model, x, y)  # the mean of equal gradients is the global batch's
     else:
-        sgd_step(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
+        sgd_step(model, tuple(t[rank * per:(rank + 1) * per] for t in x), y[rank * per:(rank + 1) * per])
     folder = out / case
     notes = pv.summary(model).notes  # after the step, on every rank (mask_tuning counts its sharded scores)
     writes.clear()
@@ -141,21 +215,9 @@ def run_case(case: str, rank: int, out: Path) -> dict:
     if case.endswith("ddp"):
         dist.barrier()
     files = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
-    try:
-        pv.merge(model)
-        merge_error = None
-    except pv.MergeError as e:
-        merge_error = str(e)
-    bare = shard(make_host(depth_for(method)), case)
-    load_error = apply_error = None
-    try:
-        pv.load_adapter(bare, folder)
-    except ValueError as e:
-        load_error = str(e)
-    try:
-        pv.apply(bare, "bitfit")
-    except TypeError as e:
-        apply_error = str(e)
+    merge_error = load_error = apply_error = None
+    if family == "timm":  # the refusals (tests: ssf, ssf_fsdp1)
+        merge_error, load_error, apply_error = refusals(model, case, method, folder)
     hub_url = None
     if case in ("ssf", "ssf_fsdp1"):  # push_to_hub on every rank: rank 0 uploads, every rank gets the url
         uploads.clear()
@@ -175,7 +237,7 @@ def run_case(case: str, rank: int, out: Path) -> dict:
               "ref_summary": [ref_summary.total, ref_summary.trainable, pv.summary(ref).notes], "merge_error": merge_error,
               "load_error": load_error, "host_class": class_names, "apply_error": apply_error, "hub": hub}
     try:  # rank 0 alone from here: an error must not leave the other rank waiting in a collective
-        result.update(_compare(case, method, ref, folder, files, x))
+        result.update(_compare(case, method, ref, folder, files, inputs))
     except Exception as e:
         result.update(error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-3000:])
     return result
@@ -189,9 +251,9 @@ def _compare(case: str, method: str, ref, folder: Path, files: list[str], x) -> 
     _, ref_host, ref_saved, _ = read_adapter(ref_dir)
     ref_tensors = {k: v.detach() for k, v in adapter_state_dict(ref).items()}
     same_files = all(_same_tensors(folder / name, ref_dir / name) for name in files if name.endswith(".safetensors"))
-    loaded = pv.load_adapter(make_host(depth_for(method)), folder).eval()
+    loaded = pv.load_adapter(fresh_host(case, method), folder).eval()
     with torch.no_grad():
-        out_diff = (loaded(x) - ref.eval()(x)).abs().max().item()
+        out_diff = (outputs(loaded, x) - outputs(ref.eval(), x)).abs().max().item()
     return {
         "adapter_diff": max((saved[k].float() - ref_tensors[k].float()).abs().max().item() for k in ref_tensors),
         "same_keys": sorted(saved) == sorted(ref_saved),
@@ -251,6 +313,6 @@ def free_port() -> int:
 
 
 if __name__ == "__main__":
-    out, cases = sys.argv[1], sys.argv[2:] or METHODS + EXTRA
+    out, cases = sys.argv[1], sys.argv[2:] or METHODS + EXTRA + REFUSED
     Path(out).mkdir(parents=True, exist_ok=True)
     mp.spawn(functools.partial(worker), args=(free_port(), out, cases), nprocs=WORLD, join=True)

@@ -10,7 +10,8 @@ import pytest
 from conftest import ROOT
 
 FSDP2_METHODS = ["ssf", "vpt", "lora", "bitfit", "mask_tuning", "lst", "hst"]
-SHARDED = FSDP2_METHODS + ["ssf_bf16", "ssf_fsdp1", "lora_fsdp1"]
+OTHER_HOSTS = ["unet_lora", "point_idpt", "point_vpt"]  # diffusers UNet (LoRA, train_head=False), Point-MAE
+SHARDED = FSDP2_METHODS + ["ssf_bf16", "ssf_fsdp1", "lora_fsdp1"] + OTHER_HOSTS
 EXACT = 1e-5
 
 
@@ -68,19 +69,28 @@ def test_fsdp2_model_reports_its_original_class(results, case):
     assert r["host_class"] == ["timm.models.vision_transformer.VisionTransformer", "VisionTransformer"]
 
 
-LOCAL_NOTES = {  # case -> why its summary note counts this rank's shard only
-    "mask_tuning": "mask_tuning's summary note (mask_counts in methods/mask_tuning.py) sums the local shard of "
-                   "each DTensor score under FSDP2, so 'masked off' is this rank's share (issue #15)",
-}
-
-
 @pytest.mark.parametrize("case", SHARDED + ["ssf_ddp"])
 def test_summary_notes_are_global(results, case):
     r = case_result(results, case)
     notes, expected = [s[2] for s in r["summary"]], [r["ref_summary"][2]] * 2  # after the step, both ranks
-    if case in LOCAL_NOTES and notes != expected:
-        pytest.xfail(LOCAL_NOTES[case])
     assert notes == expected
+    if case == "mask_tuning":  # gathered over the shards of the scores: the step masked some weights off
+        assert "masked off 0 " not in notes[0]["mask_tuning"]
+
+
+REFUSALS = {  # case -> what the first forward of the FSDP2-sharded UNet says (both ranks)
+    "unet_sara": "sara: the model is sharded with FSDP2 (fully_shard); SaRA writes its trained entries into the frozen weights",
+    "unet_spm": "spm: the UNet is sharded with FSDP2 (fully_shard); the membranes",
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_unet_methods_that_refuse_fsdp2(results, case):
+    """SaRA writes into weights FSDP2 re-gathers from unchanged shards; SPM's membranes got a step up to
+    19% off the unsharded one: both refuse at the first forward, on every rank."""
+    messages = case_result(results, case)["refusals"]
+    assert len(messages) == 2 and all(m is not None and m.startswith(REFUSALS[case]) for m in messages), messages
+    assert "DDP (configs/accelerate/ddp.yaml)" in messages[0]
 
 
 @pytest.mark.parametrize("case", ["ssf", "ssf_fsdp1"])

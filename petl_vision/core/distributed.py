@@ -119,3 +119,12 @@ def refuse_sharded(model: nn.Module, what: str, advice: str, error: type[Excepti
     kind = sharding(model)
     if kind is not None:
         raise error(f"{what}: the model is sharded ({kind.upper()}); {advice}")
+
+
+def is_fsdp2_module(module: nn.Module) -> bool:
+    """Whether `fully_shard` was applied to `module` (a cheap isinstance check, fit for a forward hook)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)

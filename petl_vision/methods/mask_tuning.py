@@ -236,10 +236,16 @@ def masked_fraction(model: nn.Module) -> float:
 
 
 def mask_counts(model: nn.Module) -> tuple[int, int]:
-    """(weights masked off, weights under a mask)."""
+    """(weights masked off, weights under a mask), global numbers.
+
+    Under FSDP2 a score is a DTensor (its numel is the global one): the count of its local shard is
+    summed over the ranks (`full_tensor`, a collective: every rank calls this, e.g. through pv.summary).
+    """
+    from ..core.distributed import full_tensor
+
     off = total = 0
     for _, m in masks(model):
-        off += int((m.score <= m.threshold).sum()) if m.score.device.type != "meta" else 0
+        off += int(full_tensor((m.score <= m.threshold).sum())) if m.score.device.type != "meta" else 0
         total += m.score.numel()
     return off, total
 

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..core.api import forget_method
+from ..core.distributed import is_fsdp2_module
 from ..core.errors import AdapterMismatchError, UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state, host_modules
@@ -328,12 +329,26 @@ def fused_lora_layers(model: nn.Module) -> list[str]:
 def _refuse_fused_lora(model: nn.Module, args=()) -> None:
     """Forward pre-hook (and merge / unload check): SaRA writes its values into the weights at every access,
     so a LoRA fused into the same weights would silently lose its update at the selected entries."""
+    _refuse_fsdp2(model)
     fused = fused_lora_layers(model)
     if fused:
         raise RuntimeError(
             f"sara: a LoRA is fused into weights SaRA writes ({fused[:3]}{' ...' if len(fused) > 3 else ''}: pipe.fuse_lora()); SaRA "
             "rewrites its entries at every forward, which would drop the fused update there. SaRA works next to an unfused "
             "LoRA (pipe.load_lora_weights): call pipe.unfuse_lora() first"
+        )
+
+
+def _refuse_fsdp2(model: nn.Module) -> None:
+    """SaRA under FSDP2 (issue #15): its values are written into the host weights at each access, but
+    FSDP2 re-gathers those weights from their shards (the base values) before every forward and
+    backward, so the written entries do not persist and the state_dict pre-hook cannot write into the
+    DTensor shards; a step is not the unsharded step (tests/test_fsdp.py)."""
+    if is_fsdp2_module(model):
+        raise RuntimeError(
+            "sara: the model is sharded with FSDP2 (fully_shard); SaRA writes its trained entries into the frozen "
+            "weights, which FSDP2 re-gathers from their unchanged shards at every forward. Train SaRA with DDP "
+            "(configs/accelerate/ddp.yaml) or on one process; LoRA and the timm methods train under FSDP2"
         )
 
 
