@@ -161,9 +161,10 @@ class SideNetwork(nn.Module):
             if isinstance(visual, nn.Module) and callable(getattr(model, "image_features", None)):  # CLIPClassifier
                 visual.register_forward_hook(self._capture_embedding_output)
                 self.anchor_normalized_after = True
-            elif isinstance(head_drop, nn.Module):  # timm: pool -> fc_norm -> head_drop -> head
-                head_drop.register_forward_pre_hook(self._capture_pooled)
             else:
+                if isinstance(head_drop, nn.Module):  # timm: pool -> fc_norm -> head_drop -> head
+                    head_drop.register_forward_pre_hook(self._capture_pooled)
+                # The head's input where no head_drop ran first (older timm's DeiT-distilled forward_head).
                 heads[0].register_forward_pre_hook(self._capture_pooled)
             heads[0].register_forward_hook(self._run_side)
         model.register_forward_hook(self._replace_output)
@@ -208,7 +209,8 @@ class SideNetwork(nn.Module):
             self._capture(output)
 
     def _capture_pooled(self, head: nn.Module, args: tuple):
-        if self.enabled:
+        """The first pooled feature of this forward (DeiT-distilled drops CLS, then the distillation token)."""
+        if self.enabled and self._pooled is None:
             self._pooled = args[0].detach()
 
     def _capture_embedding_output(self, tower: nn.Module, args: tuple, output):
