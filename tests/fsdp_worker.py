@@ -19,6 +19,11 @@ Per method (rank 0 writes the numbers; the test asserts them):
 Extra cases: "ssf_bf16" (FSDP2 with MixedPrecisionPolicy(bf16 params, fp32 reduce)), "ssf_fsdp1" and
 "lora_fsdp1" (FullyShardedDataParallel, use_orig_params=True, per-block auto-wrap, device_id=cpu),
 "ssf_ddp" (DistributedDataParallel, saved on rank 0 alone).
+Other host families ("<family>_<method>"): "unet_lora" (diffusers UNet2DConditionModel, FSDP2 units:
+`unet_units`), "point_idpt" / "point_vpt" (Point-MAE PointTransformer, whole batch on every rank: its
+BatchNorm), "clip_ssf" / "clip_mask_tuning" (open_clip's image tower, units: its resblocks).
+REFUSED cases ("unet_sara", "unet_spm"): refusals = per rank, the message the first forward of the
+FSDP2-sharded UNet raised (None if it ran).
 """
 from __future__ import annotations
 
@@ -48,7 +53,8 @@ WORLD = 2
 GLOBAL_BATCH = 4
 LR = 0.5
 METHODS = ["ssf", "vpt", "lora", "bitfit", "mask_tuning", "lst", "hst"]
-EXTRA = ["ssf_bf16", "ssf_fsdp1", "lora_fsdp1", "ssf_ddp", "unet_lora", "point_idpt", "point_vpt"]
+EXTRA = ["ssf_bf16", "ssf_fsdp1", "lora_fsdp1", "ssf_ddp", "unet_lora", "point_idpt", "point_vpt", "clip_ssf",
+         "clip_mask_tuning"]
 REFUSED = ["unet_sara", "unet_spm"]  # pv.apply works; the first forward of the FSDP2-sharded UNet refuses
 _atomic_write = pv_io.atomic_write
 # Methods with BatchNorm layers in training mode (HST's side stem and fc_norm): the statistics of a
@@ -63,6 +69,10 @@ def make_host(depth: int = 2, family: str = "timm"):
         sys.path.insert(0, str(Path(__file__).parent))
         from test_sara import tiny_unet
         return tiny_unet().train()
+    if family == "clip":  # open_clip's image tower (tests/test_clip.py's tiny CLIP)
+        sys.path.insert(0, str(Path(__file__).parent))
+        from test_clip import tiny_clip
+        return tiny_clip().visual
     if family == "point":
         from petl_vision.models.point_mae import PointTransformer
         model = PointTransformer(num_classes=5, num_group=8, group_size=8, dim=32, depth=2, num_heads=2)
@@ -75,14 +85,14 @@ def make_host(depth: int = 2, family: str = "timm"):
 
 
 def family_of(case: str) -> str:
-    return case.split("_")[0] if case.startswith(("unet_", "point_")) else "timm"
+    return case.split("_")[0] if case.startswith(("unet_", "point_", "clip_")) else "timm"
 
 
 def fresh_host(case: str, method: str):
     return make_host(4 if method == "hst" else 2, family_of(case))  # HST needs one block group per side stage
 
 
-METHOD_ARGS = {"unet_lora": {"train_head": False}, "point_idpt": {"k": 4}}
+METHOD_ARGS = {"unet_lora": {"train_head": False}, "clip_ssf": {"train_head": False}, "point_idpt": {"k": 4}}
 
 
 def make_model(case: str, method: str):
@@ -139,7 +149,9 @@ def shard(model, case: str):
         return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True, device_id=torch.device("cpu"))
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if case.endswith("bf16") else MixedPrecisionPolicy()
-    for block in unet_units(model) if family_of(case) == "unet" else model.blocks:
+    family = family_of(case)
+    units = unet_units(model) if family == "unet" else model.transformer.resblocks if family == "clip" else model.blocks
+    for block in units:
         fully_shard(block, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy)
     return model
@@ -188,7 +200,7 @@ def run_case(case: str, rank: int, out: Path) -> dict:
     if case in REFUSED:
         return refused_case(case, rank)
     family = family_of(case)
-    method = case.split("_")[1] if family != "timm" else case.split("_")[0] if case.split("_")[-1] in ("bf16", "fsdp1", "ddp") else case
+    method = case.split("_", 1)[1] if family != "timm" else case.split("_")[0] if case.split("_")[-1] in ("bf16", "fsdp1", "ddp") else case
     inputs, y = batch(family)
     x = inputs
     ref = make_model(case, method)

@@ -10,7 +10,8 @@ import pytest
 from conftest import ROOT
 
 FSDP2_METHODS = ["ssf", "vpt", "lora", "bitfit", "mask_tuning", "lst", "hst"]
-OTHER_HOSTS = ["unet_lora", "point_idpt", "point_vpt"]  # diffusers UNet (LoRA, train_head=False), Point-MAE
+# diffusers UNet (LoRA, train_head=False), Point-MAE, open_clip's image tower (ssf with train_head=False)
+OTHER_HOSTS = ["unet_lora", "point_idpt", "point_vpt", "clip_ssf", "clip_mask_tuning"]
 SHARDED = FSDP2_METHODS + ["ssf_bf16", "ssf_fsdp1", "lora_fsdp1"] + OTHER_HOSTS
 EXACT = 1e-5
 
@@ -141,3 +142,36 @@ def test_accelerate_configs_parse(name, monkeypatch):
     assert plugin.transformer_cls_names_to_wrap == ["Block"]
     assert plugin.state_dict_type.name == "SHARDED_STATE_DICT"
     assert plugin.reshard_after_forward is True
+
+
+def test_hst_sync_batchnorm_conversion_keeps_the_adapter():
+    """HST's docstring offers SyncBatchNorm for split batches (GPU only in PyTorch: on one CPU process it
+    acts as BatchNorm): the converted model computes the same outputs and saves the same tensors."""
+    import timm
+    import torch
+
+    import petl_vision as pv
+    from petl_vision.core.io import adapter_state_dict
+
+    torch.manual_seed(0)
+    host = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                             depth=4, num_heads=2, num_classes=5)
+    model = pv.apply(host, "hst").train()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    before = {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}
+    with torch.no_grad():
+        expected = model(x)
+    bns = [n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert len(bns) >= 2 and all(isinstance(synced.get_submodule(n), torch.nn.SyncBatchNorm) for n in bns)
+    with torch.no_grad():
+        assert torch.equal(synced(x), expected)
+    assert sorted(adapter_state_dict(synced)) == sorted(before)  # the same adapter keys (BN statistics included)
+    with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
+        import torch.distributed as dist  # under a process group, PyTorch refuses CPU inputs
+        store = dist.HashStore()
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        try:
+            synced(x)
+        finally:
+            dist.destroy_process_group()

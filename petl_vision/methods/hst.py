@@ -26,6 +26,14 @@ unused and stays frozen.
 Bridge then resize equals the official resize then bridge exactly (bilinear weights sum to 1 and
 the bridge is per-position affine), and runs the bridge at the ViT's resolution instead of the
 stage's, so it is much cheaper at stride 4.
+
+Multi-process training (DDP, FSDP; issue #15): the side network's BatchNorm layers (the stems'
+BatchNorm2d and fc_norm) normalise with the statistics of each process's share of the batch, so a
+step on a batch split over ranks differs from the step on the whole batch. For the global
+statistics convert them after `pv.apply` and before wrapping:
+``model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)`` (same state_dict keys, so the
+adapter files are unchanged). PyTorch's SyncBatchNorm runs on GPU / XPU only: on CPU (gloo) keep
+the per-rank statistics.
 """
 from __future__ import annotations
 
