@@ -69,7 +69,20 @@ def resolve_dir(path_or_repo_id: str | os.PathLike, revision: str | None = None,
     try:
         return Path(snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=allow_patterns))
     except Exception as e:
+        cached = _cached_snapshot(str(path_or_repo_id), revision)
+        if cached is not None:  # offline with a commit hash: older huggingface_hub asks the network first
+            return cached
         raise FileNotFoundError(_hub_failure(path_or_repo_id, None, revision, e)) from e
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The cached snapshot folder of `repo_id` at a full commit hash, or None."""
+    if revision is None or re.fullmatch(r"[0-9a-f]{40}", revision) is None:
+        return None
+    from huggingface_hub import constants
+
+    folder = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / revision
+    return folder if folder.is_dir() else None
 
 
 def upload_folder(directory: str | os.PathLike, repo_id: str, *, revision: str | None = None,
