@@ -6,7 +6,7 @@ import pickle
 from pathlib import Path
 
 import timm
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 import torch.nn as nn
 
 from .config import ConfigError, TrainConfig
@@ -24,6 +24,12 @@ def build_model(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module:
     checkpoint = cfg.checkpoint
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint file not found: {checkpoint} (expected a local .safetensors/.pth file)")
+    if checkpoint is not None and str(checkpoint).endswith(".safetensors"):
+        try:  # read the header here: timm's loaders word a bad file differently from release to release
+            with safe_open(str(checkpoint), "pt") as f:
+                f.keys()
+        except SafetensorError as e:
+            raise _unreadable(checkpoint, e) from e
     if cfg.model == "demo_vit":
         from petl_vision.models.demo_vit import create_demo_vit
 
@@ -48,5 +54,9 @@ def build_model(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module:
             raise
         raise ConfigError(f"model {cfg.model!r} with model_kwargs {cfg.model_kwargs}: {e}") from e
     except (SafetensorError, pickle.UnpicklingError, EOFError) as e:
-        raise ConfigError(f"checkpoint {checkpoint}: not a readable weights file ({type(e).__name__}: {e}); "
-                          "expected a .safetensors file or a .pth/.bin state dict") from e
+        raise _unreadable(checkpoint, e) from e
+
+
+def _unreadable(checkpoint, e: Exception) -> ConfigError:
+    return ConfigError(f"checkpoint {checkpoint}: not a readable weights file ({type(e).__name__}: {e}); "
+                       "expected a .safetensors file or a .pth/.bin state dict")
