@@ -19,10 +19,10 @@ Per method (rank 0 writes the numbers; the test asserts them):
 Extra cases: "ssf_bf16" (FSDP2 with MixedPrecisionPolicy(bf16 params, fp32 reduce)), "ssf_fsdp1" and
 "lora_fsdp1" (FullyShardedDataParallel, use_orig_params=True, per-block auto-wrap, device_id=cpu),
 "ssf_ddp" (DistributedDataParallel, saved on rank 0 alone).
-Other host families ("<family>_<method>"): "unet_lora" (diffusers UNet2DConditionModel, FSDP2 units:
-`unet_units`), "point_idpt" / "point_vpt" (Point-MAE PointTransformer, whole batch on every rank: its
+Other host families ("<family>_<method>"): "unet_lora", "unet_spm" (diffusers UNet2DConditionModel,
+FSDP2 units: `unet_units`), "point_idpt" / "point_vpt" (Point-MAE PointTransformer, whole batch on every rank: its
 BatchNorm), "clip_ssf" / "clip_mask_tuning" (open_clip's image tower, units: its resblocks).
-REFUSED cases ("unet_sara", "unet_spm"): refusals = per rank, the message the first forward of the
+REFUSED cases ("unet_sara"): refusals = per rank, the message the first forward of the
 FSDP2-sharded UNet raised (None if it ran).
 """
 from __future__ import annotations
@@ -53,9 +53,9 @@ WORLD = 2
 GLOBAL_BATCH = 4
 LR = 0.5
 METHODS = ["ssf", "vpt", "lora", "bitfit", "mask_tuning", "lst", "hst"]
-EXTRA = ["ssf_bf16", "ssf_fsdp1", "lora_fsdp1", "ssf_ddp", "unet_lora", "point_idpt", "point_vpt", "clip_ssf",
+EXTRA = ["ssf_bf16", "ssf_fsdp1", "lora_fsdp1", "ssf_ddp", "unet_lora", "unet_spm", "point_idpt", "point_vpt", "clip_ssf",
          "clip_mask_tuning"]
-REFUSED = ["unet_sara", "unet_spm"]  # pv.apply works; the first forward of the FSDP2-sharded UNet refuses
+REFUSED = ["unet_sara"]  # pv.apply works; the first forward of the FSDP2-sharded UNet refuses
 _atomic_write = pv_io.atomic_write
 # Methods with BatchNorm layers in training mode (HST's side stem and fc_norm): the statistics of a
 # rank's half batch are not the global batch's (as under DDP without SyncBatchNorm), so each rank
@@ -158,9 +158,8 @@ def shard(model, case: str):
 
 
 def unet_units(unet) -> list:
-    """The UNet's FSDP2 units: each down / mid / up block's resnets and attentions (Transformer2DModel),
-    and the time embedding (in the root's group, the LoRA on its layers got a step 2% off the
-    unsharded one: the root's parameters whose output feeds the sharded blocks)."""
+    """The UNet's FSDP2 units: the time embedding and each down / mid / up block's resnets and attentions
+    (Transformer2DModel); the root (conv_in / conv_out, up- and downsamplers, the methods' state) last."""
     units = [unet.time_embedding]
     for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
         units += [*getattr(block, "resnets", []), *(getattr(block, "attentions", None) or [])]

@@ -10,8 +10,8 @@ import pytest
 from conftest import ROOT
 
 FSDP2_METHODS = ["ssf", "vpt", "lora", "bitfit", "mask_tuning", "lst", "hst"]
-# diffusers UNet (LoRA, train_head=False), Point-MAE, open_clip's image tower (ssf with train_head=False)
-OTHER_HOSTS = ["unet_lora", "point_idpt", "point_vpt", "clip_ssf", "clip_mask_tuning"]
+# diffusers UNet (LoRA with train_head=False, SPM membranes), Point-MAE, open_clip's image tower (ssf: train_head=False)
+OTHER_HOSTS = ["unet_lora", "unet_spm", "point_idpt", "point_vpt", "clip_ssf", "clip_mask_tuning"]
 SHARDED = FSDP2_METHODS + ["ssf_bf16", "ssf_fsdp1", "lora_fsdp1"] + OTHER_HOSTS
 EXACT = 1e-5
 
@@ -81,14 +81,14 @@ def test_summary_notes_are_global(results, case):
 
 REFUSALS = {  # case -> what the first forward of the FSDP2-sharded UNet says (both ranks)
     "unet_sara": "sara: the model is sharded with FSDP2 (fully_shard); SaRA writes its trained entries into the frozen weights",
-    "unet_spm": "spm: the UNet is sharded with FSDP2 (fully_shard); the membranes",
 }
 
 
 @pytest.mark.parametrize("case", REFUSALS)
 def test_unet_methods_that_refuse_fsdp2(results, case):
-    """SaRA writes into weights FSDP2 re-gathers from unchanged shards; SPM's membranes got a step up to
-    19% off the unsharded one: both refuse at the first forward, on every rank."""
+    """SaRA writes its values into weights FSDP2 re-gathers from unchanged shards (with the values written
+    into the local shards instead, the step came out 89% off the unsharded one): it refuses at the
+    first forward, on every rank."""
     messages = case_result(results, case)["refusals"]
     assert len(messages) == 2 and all(m is not None and m.startswith(REFUSALS[case]) for m in messages), messages
     assert "DDP (configs/accelerate/ddp.yaml)" in messages[0]

@@ -343,12 +343,13 @@ def _refuse_fsdp2(model: nn.Module) -> None:
     """SaRA under FSDP2 (issue #15): its values are written into the host weights at each access, but
     FSDP2 re-gathers those weights from their shards (the base values) before every forward and
     backward, so the written entries do not persist and the state_dict pre-hook cannot write into the
-    DTensor shards; a step is not the unsharded step (tests/test_fsdp.py)."""
+    DTensor shards; with the values written into the local shards too, a step came out 89% off the
+    unsharded one (tests/test_fsdp.py)."""
     if is_fsdp2_module(model):
         raise RuntimeError(
             "sara: the model is sharded with FSDP2 (fully_shard); SaRA writes its trained entries into the frozen "
             "weights, which FSDP2 re-gathers from their unchanged shards at every forward. Train SaRA with DDP "
-            "(configs/accelerate/ddp.yaml) or on one process; LoRA and the timm methods train under FSDP2"
+            "(configs/accelerate/ddp.yaml) or on one process; LoRA and SPM train on a UNet under FSDP2"
         )
 
 

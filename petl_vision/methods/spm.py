@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.api import forget_method
-from ..core.distributed import is_fsdp2_module
 from ..core.errors import UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state, host_modules
@@ -224,11 +223,6 @@ class _BatchHook:
         self.attentions = [m for m in model.modules() if hasattr(m, "processor") and any(id(c) in hooked for c in m.children())]
 
     def __call__(self, model, args, kwargs):
-        if is_fsdp2_module(model):  # issue #15: tests/test_fsdp.py measured the wrong step
-            raise RuntimeError(
-                "spm: the UNet is sharded with FSDP2 (fully_shard); the membranes (in the root's parameter group, "
-                "read by layers in the sharded blocks) then get gradients that differ from the unsharded step "
-                "(up to 19% measured). Train SPM with DDP (configs/accelerate/ddp.yaml) or on one process")
         if any("Fused" in type(a.processor).__name__ for a in self.attentions):  # to_qkv / to_kv copies would run instead of the membranes
             raise RuntimeError("spm: the UNet's attention projections were fused after the membranes were loaded "
                                "(unet.fuse_qkv_projections()): the membranes on to_q / to_k / to_v would not act; call "
