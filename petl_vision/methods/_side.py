@@ -21,7 +21,7 @@ part of the trainable set (each side network has its own head, initialised as a 
 see `make_head`).
 
 Under autocast the hidden states (the host's fp32 residual stream) are cast to the autocast dtype
-at use (`autocast_input`), as autocast would cast them for the side network's first matmul.
+at use (`_autocast.autocast_input`, in the methods that read them), as autocast would cast them for the side network's first matmul.
 
 `side_features(model, images)` runs only the backbone and returns what the side network reads, and
 `side_forward_from_cache(model, features)` runs only the side network: the feature cache uses them.
@@ -50,14 +50,6 @@ def pool_kind(model: nn.Module, host: TokenHost) -> str:
         if isinstance(pool, str):
             return "token" if pool in ("token", "tok") else "avg"
     return "token" if host.num_prefix_tokens > 0 else "avg"
-
-
-def autocast_input(x: torch.Tensor) -> torch.Tensor:
-    """x in the autocast dtype of its device when autocast is on (and x is floating), else x."""
-    device = x.device.type
-    if x.is_floating_point() and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return x.to(torch.get_autocast_dtype(device))
-    return x
 
 
 def pool_tokens(x: torch.Tensor, kind: str, num_prefix_tokens: int) -> torch.Tensor:

@@ -95,3 +95,9 @@ def bake_parametrizations(module: nn.Module, attrs, order: tuple[str, ...]) -> N
     for key in order:
         if key in module._parameters:
             module._parameters[key] = module._parameters.pop(key)
+
+
+def runs_fused_qkv(module: nn.Module) -> bool:
+    """Whether `module` is a diffusers Attention running a fused-projection processor
+    (`unet.fuse_qkv_projections()`): it calls to_qkv / to_kv copies, not to_q / to_k / to_v."""
+    return "Fused" in type(getattr(module, "processor", None)).__name__

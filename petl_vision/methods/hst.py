@@ -52,7 +52,8 @@ from ..core.errors import UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state
 from ..hosts import TokenHost, classifier_modules, token_host
-from ._side import autocast_input, check_single_output_method
+from ._autocast import autocast_input
+from ._side import check_single_output_method
 
 NUM_STAGES = 4
 STRIDES = (4, 8, 16, 32)  # of the pyramid levels, relative to the input image

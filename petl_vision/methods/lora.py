@@ -27,6 +27,7 @@ from ..core.errors import UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state
 from ..hosts import unfreeze_head
+from ._autocast import autocast_dtype
 from ._wrap import linears_read_directly, select_targets, split_bias_attentions
 
 
@@ -104,11 +105,9 @@ def _input_in_autocast_dtype(module: nn.Module, args: tuple):
     x = args[0] if args else None
     if not (torch.is_tensor(x) and x.is_floating_point()):
         return None
-    device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):  # not on meta tensors
-        dtype = torch.get_autocast_dtype(device)
-        if x.dtype != dtype:
-            return (x.to(dtype),) + args[1:]
+    dtype = autocast_dtype(x.device.type)  # None on meta tensors: autocast is not available there
+    if dtype is not None and x.dtype != dtype:
+        return (x.to(dtype),) + args[1:]
     return None
 
 

@@ -40,6 +40,7 @@ from ..core.errors import UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state
 from ..hosts import unfreeze_head
+from ._autocast import autocast_dtype
 from ._wrap import bake_parametrizations, select_targets
 from .ssf import RowScale
 
@@ -118,10 +119,8 @@ class _MaskWeight(torch.autograd.Function):
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     """The autocast dtype when autocast is on for the weight's device (matmuls and convs would cast
     the masked weight to it anyway), else the weight's dtype."""
-    device = weight.device.type
-    if weight.is_floating_point() and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return weight.dtype
+    dtype = autocast_dtype(weight.device.type) if weight.is_floating_point() else None
+    return weight.dtype if dtype is None else dtype
 
 
 class BinaryMask(nn.Module):

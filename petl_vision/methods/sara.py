@@ -40,7 +40,7 @@ from ._sparse import (
     _TENSORS, SparseDelta, _drop_empty, _gather, _index_dtype, _lookup, _Parametrization, _resize_before_load,
     _swap_parameter, named_deltas,
 )
-from ._wrap import WrapperLayer
+from ._wrap import WrapperLayer, runs_fused_qkv
 
 
 @dataclasses.dataclass
@@ -357,7 +357,7 @@ def _remove(model: nn.Module, restore: bool) -> None:
     """Write the values (merge) or the base (restore) into the host tensors and drop SaRA's state."""
     module = sara_module(model)
     _refuse_fused_lora(model)
-    fused = [name for name, m in model.named_modules() if "Fused" in type(getattr(m, "processor", None)).__name__]
+    fused = [name for name, m in model.named_modules() if runs_fused_qkv(m)]
     if fused:  # to_qkv / to_kv were copied from SaRA's weights: restoring to_q / to_k / to_v would leave them updated
         raise RuntimeError(f"sara: the attention projections are fused ({fused[0]}, ...: unet.fuse_qkv_projections()); "
                            "call unet.unfuse_qkv_projections() before unloading or merging SaRA")
@@ -405,12 +405,17 @@ def regularization_loss(model: nn.Module, generator: torch.Generator | None = No
     return config.rank_weight * torch.linalg.matrix_norm(update, ord="nuc")
 
 
+def _torch_optimizer(optimizer) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside `optimizer` (accelerate's AcceleratedOptimizer wraps it), or None."""
+    while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def _reset_and_skip_next_update(model: nn.Module, optimizer) -> None:
     """The official optimizer at re-selection: every trainable entry starts with fresh state (step 0,
     zero moments) and the update of this step is skipped (its gradients are dropped before the step)."""
-    inner = optimizer
-    while inner is not None and not isinstance(inner, torch.optim.Optimizer):  # accelerate's wrapper
-        inner = inner.optimizer
+    inner = _torch_optimizer(optimizer)
     if inner is None:
         return
     values = [delta.values for delta in sara_module(model).deltas().values()]
@@ -453,9 +458,7 @@ def reselect(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -
     """
     module = sara_module(model)
     config = module.config
-    inner = optimizer
-    while inner is not None and not isinstance(inner, torch.optim.Optimizer):  # accelerate's wrapper
-        inner = inner.optimizer
+    inner = _torch_optimizer(optimizer)
     totals = {"selected": 0, "kept": 0, "fixed": 0}
     for name, delta in module.deltas().items():
         owner, attr = _owner(model, name)

@@ -37,7 +37,9 @@ from ..core.api import forget_method
 from ..core.errors import UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state, host_modules
+from ._autocast import autocast_dtype
 from ._membrane import membrane_delta, merged_delta
+from ._wrap import runs_fused_qkv
 
 KEY_PREFIX = "lora_unet_"
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -127,7 +129,7 @@ def unsupported_layout(model: nn.Module) -> str | None:
     for name, module in host_modules(model):
         if getattr(module, "is_cross_attention", False) is True and id(module) not in inside and not any(p in _PEFT_PARTS for p in name.split(".")):
             outside.append(name)
-        if id(module) in inside and "Fused" in type(getattr(module, "processor", None)).__name__:
+        if id(module) in inside and runs_fused_qkv(module):
             fused.append(name)
     if outside:
         return (f"cross-attention layers outside Transformer2DModel blocks ({', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}: "
@@ -223,7 +225,7 @@ class _BatchHook:
         self.attentions = [m for m in model.modules() if hasattr(m, "processor") and any(id(c) in hooked for c in m.children())]
 
     def __call__(self, model, args, kwargs):
-        if any("Fused" in type(a.processor).__name__ for a in self.attentions):  # to_qkv / to_kv copies would run instead of the membranes
+        if any(runs_fused_qkv(a) for a in self.attentions):  # to_qkv / to_kv copies would run instead of the membranes
             raise RuntimeError("spm: the UNet's attention projections were fused after the membranes were loaded "
                                "(unet.fuse_qkv_projections()): the membranes on to_q / to_k / to_v would not act; call "
                                "unet.unfuse_qkv_projections(), or pv.merge the membranes into the UNet before fusing")
@@ -392,10 +394,7 @@ class SPMModule(nn.Module):
 
     def _compute_dtype(self, device) -> torch.dtype:
         """The layers' activation dtype: autocast's, else the host weights'."""
-        device_type = torch.device(device).type
-        if device_type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-        return next(iter(self.layers.values())).weight.dtype
+        return autocast_dtype(torch.device(device).type) or next(iter(self.layers.values())).weight.dtype
 
     def _cached(self, slot: str, key_fn, build):
         """build(), reused while key_fn() (Python values: ids, versions) stays the same; not when compiling

@@ -38,7 +38,8 @@ from torch import nn
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state
 from ..hosts import TokenHost
-from ._side import SideNetwork, autocast_input, check_side_host, make_head, pool_kind, pool_tokens
+from ._autocast import autocast_input
+from ._side import SideNetwork, check_side_host, make_head, pool_kind, pool_tokens
 
 
 @dataclasses.dataclass

@@ -28,6 +28,7 @@ from ..core.errors import UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state
 from ..hosts import TokenHost, token_host, unfreeze_head
+from ._autocast import autocast_input
 
 
 @dataclasses.dataclass
@@ -61,14 +62,6 @@ class VPTConfig(MethodConfig):
 def init_bound(patch_size: tuple[int, int], dim: int) -> float:
     """The official uniform init bound sqrt(6 / (3 * ph * pw + dim)) (0.0625 for 16x16, 768)."""
     return math.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + dim))
-
-
-def _at_use_dtype(t: torch.Tensor) -> torch.Tensor:
-    """`t` in the autocast dtype when autocast is on for its device (master weights cast at use)."""
-    device = t.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return t.to(torch.get_autocast_dtype(device))
-    return t
 
 
 class InsertTokens(torch.autograd.Function):
@@ -132,10 +125,10 @@ class VPTPrompts(nn.Module):
         ``dropout(proj(prompts).expand(B, -1, -1))``."""
         prompts = self.prompts[layer]
         if not isinstance(self.proj, nn.Identity):
-            prompts = self.proj(_at_use_dtype(prompts))
+            prompts = self.proj(autocast_input(prompts))
         prompts = prompts.unsqueeze(0).expand(batch, -1, -1)
         if self.dropout.p > 0 and self.training:
-            prompts = self.dropout(_at_use_dtype(prompts))
+            prompts = self.dropout(autocast_input(prompts))
         return prompts
 
     def insert(self, layer: int, block: nn.Module, args: tuple, kwargs: dict):
