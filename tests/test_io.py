@@ -47,7 +47,7 @@ def save_format1(model, directory):
         "methods": [{"name": a.name, "config": a.config.to_dict()} for a in state.applied],
         "host": {"class": state.host_class, "fingerprint": pv.core.state.fingerprint(state.host_shapes), "shapes": state.host_shapes},
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
-        "sha256": io._sha256(directory / "adapter.safetensors"),
+        "sha256": io.file_sha256(directory / "adapter.safetensors"),
     }
     (directory / "adapter_config.json").write_text(json.dumps(meta))
     return directory

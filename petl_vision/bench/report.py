@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from ..core.io import atomic_write
 
 # Result keys given as ratios to `full` ("ratio_to_full").
 FIGURES = [
@@ -198,6 +199,4 @@ def write_outputs(report: dict, out_dir: Path, chart: bool = True) -> dict:
 
 def _write_text(path: Path, text: str) -> None:
     """Write through a temporary file, so a run stopped mid-write keeps the previous complete file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))

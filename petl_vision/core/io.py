@@ -329,7 +329,7 @@ def _from_format1(meta, config_path: Path, weights: Path):
     configs = method_configs(meta, config_path)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: no such file (an adapter folder of format 1 holds {LEGACY_CONFIG_NAME} and {WEIGHTS_NAME})")
-    if _sha256(weights) != meta["sha256"]:
+    if file_sha256(weights) != meta["sha256"]:
         raise AdapterFileError(f"{weights}: contents do not match the sha256 in {config_path} (truncated, or changed after saving)")
     _, tensors = _read_safetensors(weights)
     saved = {k: list(v.shape) for k, v in tensors.items()}
@@ -345,7 +345,8 @@ def _read_json(path: Path):
         raise AdapterFileError(f"{path}: not valid JSON ({e})") from None
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 hex of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

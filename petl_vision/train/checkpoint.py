@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -34,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+
+from ..core.io import atomic_write, file_sha256
 
 COMPLETE = "complete.json"
 # Files and folders a run writes into its output_dir (globs); a folder holding any of them holds a run.
@@ -171,7 +172,7 @@ def read_marker(ckpt: Path) -> dict:
             "petl_vision wrote it with pickle files, which are not loaded)")
     for name, digest in marker["files"].items():
         path = ckpt / name
-        if Path(name).name != name or not path.is_file() or _sha256(path) != digest:
+        if Path(name).name != name or not path.is_file() or file_sha256(path) != digest:
             raise CheckpointError(f"resume: {path} is missing or differs from when checkpoint {ckpt} was written")
     return marker
 
@@ -256,9 +257,7 @@ def _join(obj, tensors: dict):
 
 
 def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value)))
 
 
 def _save(folder: Path, name: str, value) -> None:
@@ -271,14 +270,6 @@ def _save(folder: Path, name: str, value) -> None:
 def _load(folder: Path, name: str):
     tensors = load_file(str(folder / f"{name}.safetensors"))
     return _join(json.loads((folder / f"{name}.json").read_text()), tensors)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -333,7 +324,7 @@ def save_checkpoint(accelerator, run: Run, number: int, model, optimizer, schedu
         })
     accelerator.wait_for_everyone()
     if main:
-        files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+        files = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
         _write_json(folder / COMPLETE, {"run_id": run.run_id, "config_hash": run.config_hash, "config": run.record,
                                         "num_processes": accelerator.num_processes, "counters": dict(counters), "files": files})
         prune_checkpoints(run, keep)
