@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..core.errors import AdapterFileError
+from ..core.io import atomic_write
 from ..core.hub import is_repo_id, resolve_dir, resolve_file
 from ..methods.spm import SPMModule, spm_module
 from ._plugin import pipeline_denoiser
@@ -172,9 +173,7 @@ def save_spm(model, path: str | os.PathLike, name: str | None = None, prompts: s
     metadata = {"prompts": spm.config.prompt_of(name) if prompts is None else prompts, "rank": str(rank), "alpha": str(float(alpha))}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata))
     return path
 
 

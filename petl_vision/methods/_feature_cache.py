@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..core.io import atomic_write
 from ..core.state import host_class_name, host_modules
 from ..hosts import classifier_modules
 from ._side import SideNetwork, side_features, side_forward_from_cache
@@ -204,9 +205,7 @@ class FeatureCache:
             return {}  # unreadable: treated as stale
 
     def _write_meta(self) -> None:
-        tmp = self.directory / f".{META_NAME}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(self.meta, indent=1))
-        os.replace(tmp, self.directory / META_NAME)
+        atomic_write(self.directory / META_NAME, lambda tmp: tmp.write_text(json.dumps(self.meta, indent=1)))
 
     def _wipe(self) -> None:
         """Delete this cache's files (meta.json and the .npy files) from the directory."""
