@@ -313,6 +313,7 @@ def worker(rank: int, port: int, out: str, cases: list[str]) -> None:
                 dist.barrier()  # both ranks fail alike (same code, same shapes); realign before the next case
         if rank == 0:
             (Path(out) / "results.json").write_text(json.dumps(results, indent=1))
+        dist.barrier()  # leave together: a rank tearing gloo down while the other still runs can abort it
     finally:
         dist.destroy_process_group()
 
