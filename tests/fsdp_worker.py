@@ -20,7 +20,7 @@ Extra cases: "ssf_bf16" (FSDP2 with MixedPrecisionPolicy(bf16 params, fp32 reduc
 "lora_fsdp1" (FullyShardedDataParallel, use_orig_params=True, per-block auto-wrap, device_id=cpu),
 "ssf_ddp" (DistributedDataParallel, saved on rank 0 alone).
 Other host families ("<family>_<method>"): "unet_lora", "unet_spm" (diffusers UNet2DConditionModel,
-FSDP2 units: `unet_units`), "point_idpt" / "point_vpt" (Point-MAE PointTransformer, whole batch on every rank: its
+FSDP2 units: `block_units`), "point_idpt" / "point_vpt" (Point-MAE PointTransformer, whole batch on every rank: its
 BatchNorm), "clip_ssf" / "clip_mask_tuning" (open_clip's image tower, units: its resblocks).
 REFUSED cases ("unet_sara"): refusals = per rank, the message the first forward of the
 FSDP2-sharded UNet raised (None if it ran).
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 import petl_vision as pv
 import petl_vision.core.io as pv_io
+from petl_vision.core.distributed import shard_model
 from petl_vision.core.io import adapter_state_dict, read_adapter
 from petl_vision.core.state import host_class_name
 
@@ -147,23 +148,7 @@ def shard(model, case: str):
         from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
         return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True, device_id=torch.device("cpu"))
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if case.endswith("bf16") else MixedPrecisionPolicy()
-    family = family_of(case)
-    units = unet_units(model) if family == "unet" else model.transformer.resblocks if family == "clip" else model.blocks
-    for block in units:
-        fully_shard(block, mp_policy=mp_policy)
-    fully_shard(model, mp_policy=mp_policy)
-    return model
-
-
-def unet_units(unet) -> list:
-    """The UNet's FSDP2 units: the time embedding and each down / mid / up block's resnets and attentions
-    (Transformer2DModel); the root (conv_in / conv_out, up- and downsamplers, the methods' state) last."""
-    units = [unet.time_embedding]
-    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
-        units += [*getattr(block, "resnets", []), *(getattr(block, "attentions", None) or [])]
-    return units
+    return shard_model(model, mixed_precision="bf16" if case.endswith("bf16") else "no")  # per block_units(model)
 
 
 def refusals(model, case: str, method: str, folder: Path) -> list:
@@ -308,6 +293,7 @@ def worker(rank: int, port: int, out: str, cases: list[str]) -> None:
         for case in cases:
             try:
                 results[case] = run_case(case, rank, Path(out))
+                print(f"rank {rank}: {case} done", file=sys.stderr, flush=True)
             except Exception as e:  # recorded: the test fails naming the case and the error
                 results[case] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
                 dist.barrier()  # both ranks fail alike (same code, same shapes); realign before the next case
@@ -316,6 +302,11 @@ def worker(rank: int, port: int, out: str, cases: list[str]) -> None:
         dist.barrier()  # leave together: a rank tearing gloo down while the other still runs can abort it
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip the interpreter's teardown: a gloo thread destroyed at exit aborted a rank now and then
+    # ("terminate called without an active exception", SIGABRT) after every result was written.
+    os._exit(0)
 
 
 def free_port() -> int:

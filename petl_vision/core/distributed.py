@@ -12,6 +12,8 @@ What works (tested on CPU with 2 gloo processes, see tests/test_fsdp.py):
 - `load_adapter` and `apply` on a model before it is sharded; on a sharded model they refuse (the
   methods' new parameters would be outside FSDP's parameter groups: no gradient reduction).
 - `push_to_hub` called on every process: gathered like `save_adapter`, uploaded from rank 0.
+- `shard_model` applies FSDP2 per block (`block_units`: the host family's blocks or named classes), as
+  the trainers do under `accelerate launch --config_file configs/accelerate/fsdp.yaml`.
 
 DDP and Accelerate wrappers (`.module`) are unwrapped; their parameters are whole, so saving on
 rank 0 alone (as usual) is enough, and nothing here runs a collective for them.
@@ -128,3 +130,68 @@ def is_fsdp2_module(module: nn.Module) -> bool:
     except ImportError:  # torch without FSDP2
         return False
     return isinstance(module, FSDPModule)
+
+
+def block_units(model: nn.Module, class_names: list[str] | tuple[str, ...] | None = None) -> list[nn.Module]:
+    """The modules FSDP2 makes one shard unit each (the root unit, the model, holds the rest).
+
+    class_names: the block classes by name (Accelerate's `fsdp_transformer_layer_cls_to_wrap`); the
+    outermost modules of those classes are the units. Default, by host family: timm's `blocks`
+    (ViT, EVA, DeiT; Swin / ConvNeXt: each stage's blocks), open_clip's `transformer.resblocks`,
+    Point-MAE's `blocks`, a diffusers UNet's time embedding and every down / mid / up block's resnets
+    and attentions. ValueError when nothing matches.
+    """
+    model = unwrap(model)
+    if class_names:
+        wanted, units, inside = set(class_names), [], set()
+        for module in model.modules():  # parents come before their children
+            if id(module) in inside:
+                continue
+            if type(module).__name__ in wanted and module is not model:
+                units.append(module)
+                inside.update(id(m) for m in module.modules())
+        if not units:
+            found = sorted({type(m).__name__ for m in model.modules()})
+            raise ValueError(f"fsdp: no module of class {sorted(wanted)} in {type(model).__name__}; set "
+                             f"fsdp_transformer_layer_cls_to_wrap to its block class (its classes: {found[:40]})")
+        return units
+    if hasattr(model, "down_blocks") and hasattr(model, "up_blocks"):  # diffusers UNet2DConditionModel
+        units = [model.time_embedding]
+        for block in [*model.down_blocks, model.mid_block, *model.up_blocks]:
+            if block is not None:
+                units += [*getattr(block, "resnets", []), *(getattr(block, "attentions", None) or [])]
+        return units
+    for owner in (model, getattr(model, "visual", None), getattr(model, "trunk", None)):
+        if owner is None:
+            continue
+        if isinstance(getattr(owner, "blocks", None), (nn.ModuleList, nn.Sequential)):
+            return list(owner.blocks)
+        resblocks = getattr(getattr(owner, "transformer", None), "resblocks", None)
+        if isinstance(resblocks, (nn.ModuleList, nn.Sequential)):
+            return list(resblocks)
+        stages = getattr(owner, "stages", None)
+        if isinstance(stages, (nn.ModuleList, nn.Sequential)) and all(hasattr(s, "blocks") for s in stages):
+            return [block for stage in stages for block in stage.blocks]
+    raise ValueError(f"fsdp: no block list found in {type(model).__name__} (looked for blocks, transformer.resblocks, "
+                     "stages[i].blocks, a UNet's down/mid/up blocks); name its block class with "
+                     "fsdp_transformer_layer_cls_to_wrap")
+
+
+def shard_model(model: nn.Module, class_names=None, mixed_precision: str = "no", reshard_after_forward: bool = True) -> nn.Module:
+    """FSDP2 (`fully_shard`) on each of `block_units(model, class_names)`, then on the model (in place).
+
+    Apply the methods first (`pv.apply` refuses a sharded model). mixed_precision "bf16" / "fp16":
+    the gathered parameters and the compute in that dtype, gradients reduced in fp32 (as Accelerate's
+    FSDP2 plugin does); "no": fp32. Needs an initialised process group (Accelerate's, torchrun's).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dtypes = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if mixed_precision not in dtypes:
+        raise ValueError(f"fsdp: mixed_precision {mixed_precision!r}; expected one of {sorted(dtypes)}")
+    param_dtype = dtypes[mixed_precision]
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for unit in block_units(model, class_names):
+        fully_shard(unit, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return model
