@@ -15,7 +15,7 @@ import inspect
 import sys
 
 from petl_vision.train import ConfigError, load_config, train
-from petl_vision.train.cli import parse_training_args, run_cli, trainer_options, training_parser
+from petl_vision.train.cli import parse_training_args, report, run_cli, trainer_options, training_parser
 from petl_vision.train.demo import run_demo
 
 
@@ -32,7 +32,7 @@ def main(argv=None) -> None:
         overrides.append(f"output_dir={args.output_dir}")
     result = train(load_config(args.config, overrides), **trainer_options(train, args))
     metrics = ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items() if k in ("top1", "top5"))
-    print(f"done: {metrics}; adapter: {result['adapter_dir']}; merged: {result['merged_path']}")
+    report(f"done: {metrics}; adapter: {result['adapter_dir']}; merged: {result['merged_path']}")
 
 
 if __name__ == "__main__":

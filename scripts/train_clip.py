@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import sys
 
-from petl_vision.train.cli import parse_training_args, run_cli, trainer_options, training_parser
+from petl_vision.train.cli import parse_training_args, report, run_cli, trainer_options, training_parser
 from petl_vision.train.clip import load_clip_config, train_clip
 
 
 def main(argv=None) -> dict:
     args, overrides = parse_training_args(training_parser(__doc__, "YAML config (see configs/clip_fewshot_*.yaml)"), argv)
     result = train_clip(load_clip_config(args.config, overrides), **trainer_options(train_clip, args))
-    print(f"done: zero-shot top1 {result['zero_shot']['top1']:.2f}, tuned top1 {result['metrics']['top1']:.2f}; "
+    report(f"done: zero-shot top1 {result['zero_shot']['top1']:.2f}, tuned top1 {result['metrics']['top1']:.2f}; "
           f"adapter: {result['adapter_dir']}; merged: {result['merged_path']}")
     return result
 

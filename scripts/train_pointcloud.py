@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from petl_vision.train.cli import parse_training_args, run_cli, trainer_options, training_parser
+from petl_vision.train.cli import parse_training_args, report, run_cli, trainer_options, training_parser
 from petl_vision.train.pointcloud import load_point_config, train_pointcloud
 
 
@@ -23,7 +23,7 @@ def main(argv=None) -> dict:
     parser = training_parser(__doc__, "YAML config (see configs/pointcloud_*.yaml)", merge=False)
     args, overrides = parse_training_args(parser, argv)
     result = train_pointcloud(load_point_config(args.config, overrides), **trainer_options(train_pointcloud, args))
-    print(f"done: top1 {result['metrics'].get('top1', float('nan')):.2f}; adapter: {result['adapter_dir']}")
+    report(f"done: top1 {result['metrics'].get('top1', float('nan')):.2f}; adapter: {result['adapter_dir']}")
     return result
 
 

@@ -11,6 +11,8 @@ A checkpoint folder holds only what training changes:
     state.safetensors        trainable parameters and buffers of the model (not the frozen backbone),
                              and the tensors of the optimizer / scheduler / scaler states
     state.json               the rest of those states, the step counters, the accelerator's step
+    state_<process>.*        instead of state.*, on a model sharded by FSDP2: each process's shards
+                             (local pieces of the DTensors); resumed with the same number of processes
     rng_<process>.json/.safetensors  python, numpy, torch (and CUDA) RNG states of each process
     complete.json            written last: run_id, config hash and config, sha256 of every file
 
@@ -34,6 +36,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from ..core.distributed import is_dtensor, sharding
 from ..core.io import atomic_write, file_sha256
 
 COMPLETE = "complete.json"
@@ -217,8 +220,18 @@ def prune_checkpoints(run: Run, keep: int) -> None:
 # ---------------------------------------------------------------- (de)serialising states
 
 
+class _Shard:
+    """A DTensor's local piece as read back from a checkpoint (made a DTensor again by `load_checkpoint`)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
 def _split(obj, tensors: dict, key: str):
-    """`obj` as JSON, its tensors moved to `tensors` (by key)."""
+    """`obj` as JSON, its tensors moved to `tensors` (by key); of a DTensor, this process's local piece."""
+    if is_dtensor(obj):
+        tensors[key] = obj.to_local().detach().to("cpu", copy=True).contiguous()
+        return {"__tensor__": key, "shard": True}
     if torch.is_tensor(obj):
         if obj.numel() == 0:
             return {"__empty__": list(obj.shape), "dtype": str(obj.dtype).removeprefix("torch.")}
@@ -244,7 +257,7 @@ def _join(obj, tensors: dict):
     if not isinstance(obj, dict):
         return obj
     if "__tensor__" in obj:
-        return tensors[obj["__tensor__"]]
+        return _Shard(tensors[obj["__tensor__"]]) if obj.get("shard") else tensors[obj["__tensor__"]]
     if "__empty__" in obj:
         return torch.empty(obj["__empty__"], dtype=getattr(torch, obj["dtype"]))
     if "__ndarray__" in obj:
@@ -305,6 +318,8 @@ def save_checkpoint(accelerator, run: Run, number: int, model, optimizer, schedu
     """
     folder = run.checkpoints / f"{run.prefix}_{number}"
     main = accelerator.is_main_process
+    plain = accelerator.unwrap_model(model)
+    sharded = sharding(plain) == "fsdp2"  # every process writes its shards
     if main:
         if folder.exists():
             shutil.rmtree(folder)
@@ -312,10 +327,10 @@ def save_checkpoint(accelerator, run: Run, number: int, model, optimizer, schedu
         _write_json(folder / "run.json", {"run_id": run.run_id})
     accelerator.wait_for_everyone()
     _save(folder, f"rng_{accelerator.process_index}", _rng_state())
-    if main:
+    if main or sharded:
         scaler = getattr(accelerator, "scaler", None)
-        _save(folder, "state", {
-            "model": trainable_state(accelerator.unwrap_model(model)),
+        _save(folder, f"state_{accelerator.process_index}" if sharded else "state", {
+            "model": trainable_state(plain),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -326,7 +341,8 @@ def save_checkpoint(accelerator, run: Run, number: int, model, optimizer, schedu
     if main:
         files = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
         _write_json(folder / COMPLETE, {"run_id": run.run_id, "config_hash": run.config_hash, "config": run.record,
-                                        "num_processes": accelerator.num_processes, "counters": dict(counters), "files": files})
+                                        "num_processes": accelerator.num_processes, "sharded": sharded,
+                                        "counters": dict(counters), "files": files})
         prune_checkpoints(run, keep)
     accelerator.wait_for_everyone()
     return folder
@@ -339,15 +355,14 @@ def load_checkpoint(accelerator, folder: Path, model, optimizer, scheduler) -> d
     if marker.get("num_processes", 1) != accelerator.num_processes:
         raise CheckpointError(f"resume: {folder} was written by {marker.get('num_processes')} processes; "
                               f"resume with the same number (now {accelerator.num_processes})")
-    state = _load(folder, "state")
     plain = accelerator.unwrap_model(model)
-    trainable = {k for k, v in plain.named_parameters() if v.requires_grad}
-    result = plain.load_state_dict(state["model"], strict=False)  # the frozen backbone is not in the checkpoint
-    missing = [k for k in result.missing_keys if k in trainable]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"resume: {folder} does not fit this model (missing {missing[:3]}, unexpected "
-                              f"{result.unexpected_keys[:3]}); it was written for another model or method")
-    optimizer.load_state_dict(state["optimizer"])
+    sharded = sharding(plain) == "fsdp2"
+    if bool(marker.get("sharded", False)) != sharded:
+        raise CheckpointError(f"resume: {folder} was written by a run {'with' if marker.get('sharded') else 'without'} "
+                              f"FSDP; resume it {'under FSDP (accelerate launch --config_file configs/accelerate/fsdp.yaml)' if marker.get('sharded') else 'without FSDP'}")
+    state = _load(folder, f"state_{accelerator.process_index}" if sharded else "state")
+    _load_model_state(plain, state["model"], folder)
+    optimizer.load_state_dict(_as_dtensors(state["optimizer"], optimizer))
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     scaler = getattr(accelerator, "scaler", None)
@@ -356,6 +371,43 @@ def load_checkpoint(accelerator, folder: Path, model, optimizer, scheduler) -> d
     _set_rng_state(_load(folder, f"rng_{accelerator.process_index}"))
     accelerator.step = state["accelerator_step"]
     return state["counters"]
+
+
+def _load_model_state(model: nn.Module, saved: dict, folder: Path) -> None:
+    """Copy the saved trainable tensors (whole, or this process's shards) into `model`; the frozen backbone
+    is not in the checkpoint. CheckpointError, before anything is copied, when the names do not fit."""
+    current = trainable_state(model)
+    trainable = {k for k, v in model.named_parameters() if v.requires_grad}
+    missing = sorted(k for k in current if k in trainable and k not in saved)
+    unexpected = sorted(k for k in saved if k not in current)
+    shapes = [k for k in saved if k in current and _local(current[k]).shape != _value(saved[k]).shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"resume: {folder} does not fit this model (missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}, other shapes {shapes[:3]}); it was written for another model or method")
+    with torch.no_grad():
+        for key, value in saved.items():
+            _local(current[key]).copy_(_value(value))
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def _value(value) -> torch.Tensor:
+    return value.tensor if isinstance(value, _Shard) else value
+
+
+def _as_dtensors(state: dict, optimizer) -> dict:
+    """The optimizer state dict with each saved shard made a DTensor like its parameter's."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entries in state.get("state", {}).items():
+        for key, value in entries.items():
+            if isinstance(value, _Shard):
+                p = params[int(index)]
+                from torch.distributed.tensor import DTensor
+                entries[key] = DTensor.from_local(value.tensor.to(p.device), p.device_mesh, p.placements,
+                                                  shape=p.shape, stride=p.stride())
+    return state
 
 
 def check_finite(loss: torch.Tensor, step: int, where: str, hint: str, accelerator=None) -> None:

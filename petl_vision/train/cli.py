@@ -111,6 +111,12 @@ def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = No
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
+def report(text: str) -> None:
+    """Print `text` once: from the main process of a multi-process launch (RANK 0), else always."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text, flush=True)
+
+
 def trainer_options(trainer: Callable, args: argparse.Namespace) -> dict:
     """The keyword options of the command line `trainer` accepts: resume, and overwrite where it has it."""
     options = {"resume": args.resume}

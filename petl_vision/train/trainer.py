@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import petl_vision as pv
+from petl_vision.core.distributed import is_dtensor, sharding
 from petl_vision.core.registry import TrainStep, applied_methods, get_method
 from petl_vision.core.state import get_state
 from petl_vision.data import build_datasets
@@ -32,6 +33,7 @@ from .checkpoint import find_checkpoint as _find_checkpoint
 from .config import TrainConfig, to_dict
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
+from .sharding import maybe_shard, prepare_all
 from .tracking import MetricsLog, check_trackers, finish_trackers, start_trackers
 
 
@@ -139,11 +141,18 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
         cache = FeatureCache(out / "feature_cache", cache_key(model, train_ds), len(train_ds))
         accelerator.print(f"feature cache: {cache.status} ({cache.directory})")
         train_ds = IndexedDataset(train_ds)  # batches (indices, images, targets)
+    if lst_method.needs_data_init(model) and run.resume_from is None:
+        # Before sharding, on batches every process draws alike (seeded): the same side network everywhere.
+        init_loader = DataLoader(train_ds, cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
+        lst_method.init_side_from_backbone(model.to(accelerator.device), loader=((b[-2].to(accelerator.device), b[-1].to(accelerator.device))
+                                                                                for b in init_loader))
+    model = maybe_shard(accelerator, model)  # FSDP2 per block under an FSDP launch (sharding.py)
+    sharded = sharding(model) == "fsdp2"
     train_loader = DataLoader(train_ds, cfg.batch_size, shuffle=True, drop_last=drop_last, num_workers=cfg.num_workers)
     eval_loader = DataLoader(eval_ds, cfg.eval_batch_size or 2 * cfg.batch_size, num_workers=cfg.num_workers)
     effective_batch = cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes
     optimizer = build_optimizer(model, cfg.optim, effective_batch)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    model, optimizer, train_loader, eval_loader = prepare_all(accelerator, model, optimizer, train_loader, eval_loader)
     # Optimizer steps of this process's shard; the scheduler is not prepared (accelerate would step it once
     # per process): it steps once per optimizer step, so the schedule does not depend on the process count.
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
@@ -156,9 +165,6 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
         accelerator.print(f"{baseline}: top1 {baseline_metrics['top1']:.2f}")
     hooks = MethodHooks(accelerator.unwrap_model(model), cfg.epochs * steps_per_epoch, reference, cfg.seed)
     del reference  # kept by `hooks` only when a method owns the backward
-    if lst_method.needs_data_init(accelerator.unwrap_model(model)) and run.resume_from is None:
-        batches = ((b[-2], b[-1]) for b in train_loader)  # (images, targets), with or without indices
-        lst_method.init_side_from_backbone(accelerator.unwrap_model(model), loader=batches)
     state = TrainState()
     if run.resume_from is not None:
         state.load_state_dict(load_checkpoint(accelerator, run.resume_from, model, optimizer, scheduler))
@@ -211,9 +217,16 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
     }
     if stopped_early:
         return result
-    check_finite_parameters(unwrapped, f"after epoch {state.epoch}")
+    check_finite_parameters(unwrapped, f"after epoch {state.epoch}", accelerator)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if sharded:  # every process: the save gathers the shards, rank 0 writes
+        result["adapter_dir"] = str(pv.save_adapter(unwrapped, out / "adapter"))
+        if cfg.merge and accelerator.is_main_process:
+            result["merged_path"] = merge_from_adapter(cfg, out / "adapter", num_classes, out / "merged.safetensors") if built else None
+            if not built:
+                print("merge skipped: the model is sharded; load the adapter onto the unsharded model and call pv.merge")
+        accelerator.wait_for_everyone()
+    elif accelerator.is_main_process:
         result["adapter_dir"] = str(out / "adapter")
         pv.save_adapter(unwrapped, out / "adapter")
         if cfg.merge:
@@ -364,12 +377,28 @@ def nan_hint(cfg: TrainConfig) -> str:
     return f"lower optim.lr (now {cfg.optim.lr:g}){clip}"
 
 
-def check_finite_parameters(model: nn.Module, where: str) -> None:
-    """FloatingPointError when a trainable parameter holds NaN or inf (nothing is saved then)."""
-    bad = [name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
-    if bad:
-        raise FloatingPointError(f"trainable parameters {bad[:3]} hold NaN or inf {where}; lower the learning rate; "
+def check_finite_parameters(model: nn.Module, where: str, accelerator: Accelerator | None = None) -> None:
+    """FloatingPointError, on every process, when a trainable parameter holds NaN or inf on any
+    (FSDP2: each process checks its shards); nothing is saved then."""
+    bad = [name for name, p in model.named_parameters()
+           if p.requires_grad and not bool(torch.isfinite(p.to_local() if is_dtensor(p) else p).all())]
+    anywhere = bool(bad)
+    if accelerator is not None and accelerator.num_processes > 1:
+        anywhere = accelerator.reduce(torch.tensor([float(bool(bad))], device=accelerator.device), reduction="sum").item() > 0
+    if anywhere:
+        names = bad[:3] if bad else "(on another process)"
+        raise FloatingPointError(f"trainable parameters {names} hold NaN or inf {where}; lower the learning rate; "
                                  "no adapter was saved")
+
+
+def merge_from_adapter(cfg: TrainConfig, adapter_dir: Path, num_classes: int, path: Path) -> str | None:
+    """The merged checkpoint of a sharded run: the host rebuilt unsharded from `cfg` (seeded as `train`
+    built it), the saved adapter loaded onto it, then `save_merged`."""
+    set_seed(cfg.seed)
+    host = build_model(cfg)
+    if getattr(host, "num_classes", num_classes) != num_classes:
+        host.reset_classifier(num_classes)
+    return save_merged(pv.load_adapter(host, adapter_dir), path)
 
 
 def save_merged(model: nn.Module, path: Path) -> str | None:

@@ -1,0 +1,58 @@
+"""The trainers under FSDP2: `accelerate launch --config_file configs/accelerate/fsdp.yaml scripts/<trainer>`.
+
+The trainers shard the host themselves, after the method is applied and before the optimizer is
+built (`maybe_shard`), one FSDP2 unit per host block (`core.distributed.block_units`, or the
+classes Accelerate's `fsdp_transformer_layer_cls_to_wrap` names). Accelerate then finds an FSDP2
+model and keeps it as it is (`prepare_all`). The same code runs on CPU processes (gloo, where
+Accelerate itself has no FSDP: `ACCELERATE_USE_CPU=true ACCELERATE_USE_FSDP=true torchrun ...`).
+"""
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from petl_vision.core.distributed import shard_model, sharding
+
+
+def fsdp_requested(accelerator) -> bool:
+    """Whether this run shards with FSDP: Accelerate's FSDP (version 2) or its `ACCELERATE_USE_FSDP`
+    environment (what `accelerate launch` with an FSDP config sets), on more than one process."""
+    if accelerator.num_processes < 2:
+        return False
+    if str(accelerator.distributed_type).endswith("FSDP"):
+        if not getattr(accelerator, "is_fsdp2", False):
+            raise ValueError("fsdp: the trainers run FSDP2 (fsdp_version: 2 in the Accelerate config, as "
+                             "configs/accelerate/fsdp.yaml); FSDP1 is not supported by the trainers")
+        return True
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def fsdp_settings() -> dict:
+    """`class_names` and `reshard_after_forward` from Accelerate's FSDP environment (FSDP_* variables)."""
+    names = [n.strip() for n in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if n.strip()]
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0", "no")
+    version = os.environ.get("FSDP_VERSION", "2")
+    if version != "2":
+        raise ValueError(f"fsdp: FSDP_VERSION={version}; the trainers run FSDP2 (fsdp_version: 2, as configs/accelerate/fsdp.yaml)")
+    return {"class_names": names or None, "reshard_after_forward": reshard}
+
+
+def maybe_shard(accelerator, model: nn.Module, mixed_precision: str | None = None) -> nn.Module:
+    """`model` sharded per block when `fsdp_requested(accelerator)` (in place), else as it is.
+    Call it after the method is applied and before the optimizer is built (its parameters become DTensors).
+    mixed_precision: "no" / "bf16" / "fp16"; None: the accelerator's."""
+    if not fsdp_requested(accelerator):
+        return model
+    model.to(accelerator.device)
+    return shard_model(model, mixed_precision=mixed_precision or accelerator.mixed_precision, **fsdp_settings())
+
+
+def prepare_all(accelerator, model: nn.Module, *objects):
+    """`accelerator.prepare(model, *objects)`; a model `maybe_shard` sharded is not wrapped again
+    (Accelerate's FSDP2 keeps it; on CPU processes it is left out of `prepare`, which would wrap it in DDP)."""
+    if sharding(model) == "fsdp2" and not getattr(accelerator, "is_fsdp2", False):
+        prepared = accelerator.prepare(*objects) if objects else ()
+        return (model, *(prepared if len(objects) > 1 else (prepared,) if objects else ()))
+    prepared = accelerator.prepare(model, *objects)
+    return prepared if objects else (prepared,)
