@@ -19,11 +19,11 @@ Per method (rank 0 writes the numbers; the test asserts them):
 Extra cases: "ssf_bf16" (FSDP2 with MixedPrecisionPolicy(bf16 params, fp32 reduce)), "ssf_fsdp1" and
 "lora_fsdp1" (FullyShardedDataParallel, use_orig_params=True, per-block auto-wrap, device_id=cpu),
 "ssf_ddp" (DistributedDataParallel, saved on rank 0 alone).
-Other host families ("<family>_<method>"): "unet_lora", "unet_spm" (diffusers UNet2DConditionModel,
-FSDP2 units: `block_units`), "point_idpt" / "point_vpt" (Point-MAE PointTransformer, whole batch on every rank: its
+Other host families ("<family>_<method>"): "unet_lora", "unet_spm", "unet_sara" (diffusers
+UNet2DConditionModel, FSDP2 units: `block_units`; SaRA applies its values out of place there), "point_idpt" / "point_vpt" (Point-MAE PointTransformer, whole batch on every rank: its
 BatchNorm), "clip_ssf" / "clip_mask_tuning" (open_clip's image tower, units: its resblocks).
-REFUSED cases ("unet_sara"): refusals = per rank, the message the first forward of the
-FSDP2-sharded UNet raised (None if it ran).
+unet_sara also records reselect_error: the message SaRA's progressive re-selection raised on the
+sharded model (rank 0).
 """
 from __future__ import annotations
 
@@ -54,9 +54,8 @@ WORLD = 2
 GLOBAL_BATCH = 4
 LR = 0.5
 METHODS = ["ssf", "vpt", "lora", "bitfit", "mask_tuning", "lst", "hst"]
-EXTRA = ["ssf_bf16", "ssf_fsdp1", "lora_fsdp1", "ssf_ddp", "unet_lora", "unet_spm", "point_idpt", "point_vpt", "clip_ssf",
-         "clip_mask_tuning"]
-REFUSED = ["unet_sara"]  # pv.apply works; the first forward of the FSDP2-sharded UNet refuses
+EXTRA = ["ssf_bf16", "ssf_fsdp1", "lora_fsdp1", "ssf_ddp", "unet_lora", "unet_spm", "unet_sara", "point_idpt", "point_vpt",
+         "clip_ssf", "clip_mask_tuning"]
 _atomic_write = pv_io.atomic_write
 # Methods with BatchNorm layers in training mode (HST's side stem and fc_norm): the statistics of a
 # rank's half batch are not the global batch's (as under DDP without SyncBatchNorm), so each rank
@@ -93,7 +92,8 @@ def fresh_host(case: str, method: str):
     return make_host(4 if method == "hst" else 2, family_of(case))  # HST needs one block group per side stage
 
 
-METHOD_ARGS = {"unet_lora": {"train_head": False}, "clip_ssf": {"train_head": False}, "point_idpt": {"k": 4}}
+METHOD_ARGS = {"unet_lora": {"train_head": False}, "clip_ssf": {"train_head": False}, "point_idpt": {"k": 4},
+               "unet_sara": {"fraction": 0.1}}  # the tiny UNet's init has few entries under SaRA's threshold
 
 
 def make_model(case: str, method: str):
@@ -165,24 +165,7 @@ def refusals(model, case: str, method: str, folder: Path) -> list:
     return messages
 
 
-def refused_case(case: str, rank: int) -> dict:
-    """The first forward of the sharded model raises; its message (rank 0) and whether rank 1 raised alike."""
-    method = case.split("_")[1]
-    model = shard(pv.apply(fresh_host(case, method), method), case)
-    inputs, y = batch("unet")
-    try:
-        sgd_step(model, inputs, y)
-        message = None
-    except RuntimeError as e:
-        message = str(e)
-    messages = [None] * WORLD
-    dist.all_gather_object(messages, message)
-    return {"refusals": messages} if rank == 0 else {}
-
-
 def run_case(case: str, rank: int, out: Path) -> dict:
-    if case in REFUSED:
-        return refused_case(case, rank)
     family = family_of(case)
     method = case.split("_", 1)[1] if family != "timm" else case.split("_")[0] if case.split("_")[-1] in ("bf16", "fsdp1", "ddp") else case
     inputs, y = batch(family)
@@ -214,6 +197,13 @@ def run_case(case: str, rank: int, out: Path) -> dict:
     merge_error = load_error = apply_error = None
     if family == "timm":  # the refusals (tests: ssf, ssf_fsdp1)
         merge_error, load_error, apply_error = refusals(model, case, method, folder)
+    reselect_error = None
+    if case == "unet_sara":  # whole weights and a resized values parameter: refused on a sharded model
+        from petl_vision.methods import sara
+        try:
+            sara.reselect(model)
+        except RuntimeError as e:
+            reselect_error = str(e)
     hub_url = None
     if case in ("ssf", "ssf_fsdp1"):  # push_to_hub on every rank: rank 0 uploads, every rank gets the url
         uploads.clear()
@@ -231,7 +221,8 @@ def run_case(case: str, rank: int, out: Path) -> dict:
         return {}
     result = {"files": files, "writes_and_file_on_return": write_counts, "mem_ratio": max(ratios), "summary": summaries,
               "ref_summary": [ref_summary.total, ref_summary.trainable, pv.summary(ref).notes], "merge_error": merge_error,
-              "load_error": load_error, "host_class": class_names, "apply_error": apply_error, "hub": hub}
+              "load_error": load_error, "host_class": class_names, "apply_error": apply_error, "hub": hub,
+              "reselect_error": reselect_error}
     try:  # rank 0 alone from here: an error must not leave the other rank waiting in a collective
         result.update(_compare(case, method, ref, folder, files, inputs))
     except Exception as e:
@@ -316,6 +307,6 @@ def free_port() -> int:
 
 
 if __name__ == "__main__":
-    out, cases = sys.argv[1], sys.argv[2:] or METHODS + EXTRA + REFUSED
+    out, cases = sys.argv[1], sys.argv[2:] or METHODS + EXTRA
     Path(out).mkdir(parents=True, exist_ok=True)
     mp.spawn(functools.partial(worker), args=(free_port(), out, cases), nprocs=WORLD, join=True)

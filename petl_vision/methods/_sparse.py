@@ -11,6 +11,13 @@ gradient is recorded (its backward gathers dL/dW at the k indices with one index
 host's forward is unchanged, no dense copy of W is made, an unmerged model runs the merged model's
 kernels, and gradients and optimizer state hold the k values only. Which entries train, and when, is
 up to the method using this module (SaRA).
+
+Out of place (``SparseDelta.out_of_place``, set by SaRA on an FSDP2-sharded host): an access returns
+a new tensor, W with the values put at their entries (`SparseDelta.applied`), and leaves W as it is.
+FSDP2 gathers W from its shards before each forward and again before the backward, so an in-place
+write would not last; the copy is what the layer uses, its backward gathers dL/dW at the k positions
+(index_put's backward). The cost: one dense copy of each sparsified tensor per access, kept by the
+layer for its backward.
 """
 from __future__ import annotations
 
@@ -71,6 +78,7 @@ class SparseDelta(nn.Module):
         for name, tensor in zip(("fixed_indices", "fixed_values", "fixed_base"), fixed):
             self.register_buffer(name, tensor.clone())
         self._written: tuple | None = None  # what the last write wrote (see `stale`)
+        self.out_of_place = False  # `applied` instead of `write` at each access (an FSDP2-sharded host)
 
     def _stamp(self, weight: torch.Tensor) -> tuple[tuple, tuple]:
         """(tensors, versions) a write reads and writes; versions are Python ints (no device sync).
@@ -97,6 +105,14 @@ class SparseDelta(nn.Module):
         _put(data, self.indices, self.base if restore else self.values)
         self._written = None if restore else self._stamp(weight)
 
+    def applied(self, weight: torch.Tensor) -> torch.Tensor:
+        """A new tensor of W's shape: W with the fixed values and the values at their entries; W is left
+        as it is. Differentiable w.r.t. the values (their gradient: dL/dW.flatten()[indices])."""
+        flat = weight.detach().reshape(-1)
+        if self.fixed_indices.numel():
+            flat = flat.index_put((self.fixed_indices.long(),), self.fixed_values.detach().to(flat.dtype))
+        return flat.index_put((self.indices.long(),), self.values.to(flat.dtype)).view(weight.shape)
+
     def dense_update(self, values: torch.Tensor) -> torch.Tensor:
         """The update W - W_base, dense, of shape `shape`; differentiable w.r.t. `values`."""
         flat = torch.zeros(math.prod(self.shape), dtype=values.dtype, device=values.device)
@@ -121,6 +137,8 @@ class _Parametrization(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         delta = self._delta[0]
+        if delta.out_of_place:  # an FSDP2-sharded host: W is gathered from unchanged shards at each use
+            return delta.applied(weight)
         if torch.compiler.is_compiling() or delta.stale(weight):  # traced graphs write unconditionally (no Python state)
             delta.write(weight)
         if delta.values.requires_grad and torch.is_grad_enabled():

@@ -19,6 +19,15 @@ bit-identical.
 The classifier head of a timm model is not sparsified: it trains fully (`train_head`), as with the
 other methods. `merge` writes the values into W and removes the parametrizations (a plain model with
 the original state_dict keys); `unload` restores the base weights instead.
+
+Under FSDP2 (`fully_shard` after `pv.apply`): FSDP2 gathers W from its shards before every forward and
+again before the backward, so an in-place write would not last. On a sharded host each access returns
+W with the values put in, out of place (`SparseDelta.applied`; the forward pre-hook switches the
+deltas when the model is an FSDP2 module), and the host's shards keep the base weights (its
+state_dict too: the trained values live in ``petl.sara``, sharded like any trainable tensor). The
+cost: a dense copy of each sparsified tensor per forward, held until its backward. Progressive
+re-selection, merge and unload refuse a sharded model (save the adapter, load it onto an unsharded
+host).
 """
 from __future__ import annotations
 
@@ -31,7 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..core.api import forget_method
-from ..core.distributed import is_fsdp2_module
+from ..core.distributed import full_tensor, is_dtensor, is_fsdp2_module
 from ..core.errors import AdapterMismatchError, UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state, host_modules
@@ -187,7 +196,7 @@ def _register(model: nn.Module, config: SaRAConfig, deltas: dict[str, SparseDelt
         module.add(name, delta)
         parametrize.register_parametrization(owner, attr, _Parametrization(delta), unsafe=True)
     module.hook = model.register_state_dict_pre_hook(_write_all)
-    module.fuse_guard = model.register_forward_pre_hook(_refuse_fused_lora)
+    module.fuse_guard = model.register_forward_pre_hook(_before_forward)
     heads = classifier_modules(model)
     if config.train_head or (config.train_head is None and heads):
         unfreeze_head(model, "sara")
@@ -308,7 +317,9 @@ def _write_all(model: nn.Module, prefix: str = "", keep_vars: bool = False) -> N
     module = getattr(get_state(model), "sara", None)
     for name, delta in (module.deltas() if isinstance(module, SaRAModule) else {}).items():
         owner, attr = _owner(model, name)
-        delta.write(owner.parametrizations[attr].original)
+        weight = owner.parametrizations[attr].original
+        if not is_dtensor(weight):  # FSDP2 shards keep the base weights (the values are in petl.sara)
+            delta.write(weight)
 
 
 def fused_lora_layers(model: nn.Module) -> list[str]:
@@ -326,10 +337,27 @@ def fused_lora_layers(model: nn.Module) -> list[str]:
     return out
 
 
+def _before_forward(model: nn.Module, args=()) -> None:
+    """Forward pre-hook: the deltas of an FSDP2-sharded model apply their values out of place
+    (`_set_out_of_place`); a fused LoRA is refused (`_refuse_fused_lora`)."""
+    _set_out_of_place(model, is_fsdp2_module(model))
+    _refuse_fused_lora(model)
+
+
+def _set_out_of_place(model: nn.Module, sharded: bool) -> None:
+    """Every delta writes its values into W in place (`sharded` False) or returns W with them put in, out of
+    place (True: FSDP2 gathers W from its unchanged shards at every use). A no-op when nothing changes."""
+    module = sara_module(model)
+    if getattr(module, "out_of_place", False) == sharded:
+        return
+    for delta in module.deltas().values():
+        delta.out_of_place = sharded
+    module.out_of_place = sharded
+
+
 def _refuse_fused_lora(model: nn.Module, args=()) -> None:
     """Forward pre-hook (and merge / unload check): SaRA writes its values into the weights at every access,
     so a LoRA fused into the same weights would silently lose its update at the selected entries."""
-    _refuse_fsdp2(model)
     fused = fused_lora_layers(model)
     if fused:
         raise RuntimeError(
@@ -339,23 +367,21 @@ def _refuse_fused_lora(model: nn.Module, args=()) -> None:
         )
 
 
-def _refuse_fsdp2(model: nn.Module) -> None:
-    """SaRA under FSDP2 (issue #15): its values are written into the host weights at each access, but
-    FSDP2 re-gathers those weights from their shards (the base values) before every forward and
-    backward, so the written entries do not persist and the state_dict pre-hook cannot write into the
-    DTensor shards; with the values written into the local shards too, a step came out 89% off the
-    unsharded one (tests/test_fsdp.py)."""
-    if is_fsdp2_module(model):
+def _refuse_fsdp2(model: nn.Module, what: str) -> None:
+    """RuntimeError naming `what` when `model` holds FSDP2 (DTensor) parameters: SaRA's values then live
+    in shards and the host's weights in others, and `what` (merge, unload, re-selection) writes or reads
+    whole weights."""
+    if any(is_dtensor(d.values) for d in sara_module(model).deltas().values()):
         raise RuntimeError(
-            "sara: the model is sharded with FSDP2 (fully_shard); SaRA writes its trained entries into the frozen "
-            "weights, which FSDP2 re-gathers from their unchanged shards at every forward. Train SaRA with DDP "
-            "(configs/accelerate/ddp.yaml) or on one process; LoRA and SPM train on a UNet under FSDP2"
+            f"sara: {what} on an FSDP2-sharded model is not supported (the values and the weights are sharded); "
+            "save the adapter on every process (pv.save_adapter) and load it onto an unsharded host"
         )
 
 
 def _remove(model: nn.Module, restore: bool) -> None:
     """Write the values (merge) or the base (restore) into the host tensors and drop SaRA's state."""
     module = sara_module(model)
+    _refuse_fsdp2(model, "restoring the base weights (unload)" if restore else "merge")
     _refuse_fused_lora(model)
     fused = [name for name, m in model.named_modules() if runs_fused_qkv(m)]
     if fused:  # to_qkv / to_kv were copied from SaRA's weights: restoring to_q / to_k / to_v would leave them updated
@@ -390,6 +416,8 @@ def regularization_loss(model: nn.Module, generator: torch.Generator | None = No
     Add it to the training loss each step. Candidates: 2-D tensors with min(shape) > rank_min_dim
     (official: 64). Returns a 0-dim tensor (zero when there is no candidate or rank_weight is 0).
     With `official_regularizer_defect` the value is the same but no gradient reaches the values.
+    On an FSDP2-sharded model call it on every process with the same draw (`generator`, or the same seed):
+    the drawn values are gathered from their shards.
     """
     module = sara_module(model)
     config = module.config
@@ -398,7 +426,7 @@ def regularization_loss(model: nn.Module, generator: torch.Generator | None = No
     if not candidates or config.rank_weight == 0:
         return torch.zeros((), device=device)
     delta = candidates[int(torch.randint(len(candidates), (1,), generator=generator))]
-    values = delta.values
+    values = full_tensor(delta.values)  # FSDP2: the shards gathered (every process draws the same tensor), differentiable
     if config.official_regularizer_defect:  # the official gradient lands on a tensor no optimizer holds
         values = values.detach().clone().requires_grad_(True)
     update = delta.dense_update(values).float()
@@ -457,6 +485,7 @@ def reselect(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -
     Returns {"selected": total new k, "kept": entries that stayed selected, "fixed": total m}.
     """
     module = sara_module(model)
+    _refuse_fsdp2(model, "progressive re-selection (set progressive_fraction: null)")
     config = module.config
     inner = _torch_optimizer(optimizer)
     totals = {"selected": 0, "kept": 0, "fixed": 0}
