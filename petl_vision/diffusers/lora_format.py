@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..core.distributed import full_tensor, is_dtensor, run_on_rank0
 from ..core.state import get_state
 from ._plugin import pipeline_denoiser
 
@@ -56,7 +57,7 @@ def diffusers_lora_state_dict(model) -> tuple[dict, dict]:
     scale = config.lora_alpha / config.r
     tensors = {}
     for key, value in get_peft_model_state_dict(unet, adapter_name=PEFT_ADAPTER).items():
-        value = value.detach().to("cpu")
+        value = full_tensor(value.detach()).to("cpu")  # FSDP2: gathered (every process calls)
         tensors[key] = (value * scale if ".lora_B." in key else value.clone()).contiguous()
     modules = sorted({key.rsplit(".lora_", 1)[0] for key in tensors})
     return tensors, {"r": config.r, "lora_alpha": config.r, "target_modules": modules}
@@ -67,12 +68,18 @@ def export_diffusers_lora(model, save_directory: str | os.PathLike, weight_name:
 
     model: a UNet (or a pipeline) with `pv.apply(unet, "lora", ...)` or a loaded `lora` adapter.
     save_directory: created if needed; `pipe.load_lora_weights(save_directory)` loads the file.
+    On an FSDP2-sharded UNet call it on every process: the tensors are gathered, rank 0 writes.
     """
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
+    sharded = any(is_dtensor(p) for p in pipeline_denoiser(model).parameters())
     tensors, config = diffusers_lora_state_dict(model)
-    StableDiffusionLoraLoaderMixin.save_lora_weights(
-        save_directory, unet_lora_layers=tensors, unet_lora_adapter_metadata=config,
-        weight_name=weight_name, safe_serialization=True,
-    )
-    return Path(save_directory) / weight_name
+
+    def write() -> Path:
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            save_directory, unet_lora_layers=tensors, unet_lora_adapter_metadata=config,
+            weight_name=weight_name, safe_serialization=True,
+        )
+        return Path(save_directory) / weight_name
+
+    return run_on_rank0(write) if sharded else write()

@@ -27,6 +27,7 @@ import safetensors
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..core.distributed import full_tensor, is_dtensor, run_on_rank0
 from ..core.errors import AdapterFileError
 from ..core.io import atomic_write
 from ..core.hub import is_repo_id, resolve_dir, resolve_file
@@ -164,17 +165,25 @@ def save_spm(model, path: str | os.PathLike, name: str | None = None, prompts: s
 
     prompts: the metadata "prompts" (default: the membrane's concept prompt from its config).
     dtype: the saved dtype (official: the training precision, float32); None keeps the tensors'.
+    On an FSDP2-sharded UNet (DTensor membranes) call it on every process: the tensors are gathered
+    (a collective), rank 0 writes the file, every process returns its path once it exists.
     """
     spm = spm_module(pipeline_denoiser(model))
     name = _one_name(spm, name)
-    tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous().clone() for k, v in membrane_state_dict(model, name).items()}
+    state = membrane_state_dict(model, name)
+    sharded = any(is_dtensor(v) for v in state.values())
+    tensors = {k: full_tensor(v.detach()).to("cpu", dtype or v.dtype).contiguous().clone() for k, v in state.items()}
     rank = next(m.rank for m in spm.membranes[name].values())
     alpha = next(iter(spm.membranes[name].values())).alpha.item()
     metadata = {"prompts": spm.config.prompt_of(name) if prompts is None else prompts, "rank": str(rank), "alpha": str(float(alpha))}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata))
-    return path
+
+    def write() -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata))
+        return path
+
+    return run_on_rank0(write) if sharded else write()
 
 
 def export_lora(model, path: str | os.PathLike, names=None, weights: dict[str, float] | None = None) -> Path:

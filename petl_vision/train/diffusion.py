@@ -11,6 +11,13 @@ trainer): its extra loss is added to the noise-prediction loss and its `on_step`
 optimizer step. SaRA thereby adds its nuclear-norm regulariser every step and re-selects its
 trainable entries at the configured step (half of training by default), keeping the optimizer.
 
+Under FSDP2 (`accelerate launch --config_file configs/accelerate/fsdp.yaml`, or on CPU processes
+``ACCELERATE_USE_CPU=true ACCELERATE_USE_FSDP=true torchrun ...``) the UNet is sharded per block after
+the method is applied (sharding.py), the VAE and text encoders stay whole on every process; the
+adapter (or the full UNet) is gathered and written once, checkpoints hold each process's shards.
+SaRA then applies its values out of place (methods/sara.py) and its progressive re-selection is not
+supported (method.progressive_fraction: null).
+
 SDXL pipelines (UNets with ``addition_embed_type="text_time"``) train as diffusers' SDXL text-to-image
 script does (see conditioning.py): both text encoders' penultimate states concatenated, text_encoder_2's
 pooled embeddings and the time ids (original size, crop top-left, target size) of each image, the
@@ -32,9 +39,11 @@ import yaml
 
 import petl_vision as pv
 from petl_vision.data.captions import CaptionedImageFolder, image_transform, sdxl_image_transform
+from petl_vision.core.distributed import full_tensor, run_on_rank0, sharding
 from .checkpoint import RUN_ARTIFACTS, Run, check_finite, load_checkpoint, run_record, save_checkpoint, start_run
 from .conditioning import ConditioningError, TextConditioning, is_sdxl
 from .config import ConfigError, MethodSection, check_override, coerce, merge_dicts, nested, parse_override, read_mapping
+from .sharding import maybe_shard, prepare_all
 from .tracking import MetricsLog, check_trackers, finish_trackers, start_trackers
 from .trainer import MethodHooks, TrainState
 
@@ -284,7 +293,11 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
     hooks = MethodHooks(unet, cfg.max_steps, seed=cfg.seed)
     if hooks.owner is not None:
         raise ConfigError(f"method {hooks.owner[0].name!r} computes its own gradients; the diffusion loop does not support that")
-    trainable = [p for p in unet.parameters() if p.requires_grad]
+    unet = maybe_shard(accelerator, unet, accelerator.mixed_precision)  # FSDP2 per block under an FSDP launch
+    sharded = sharding(unet) == "fsdp2"
+    if sharded:
+        check_sharded_method(cfg, unet)
+    trainable = [p for p in unet.parameters() if p.requires_grad]  # after sharding: DTensors under FSDP2
 
     transform = (sdxl_image_transform if conditioning.sdxl else image_transform)(cfg.resolution, cfg.center_crop, cfg.random_flip)
     dataset = CaptionedImageFolder(cfg.data, transform, cfg.caption_prefix)
@@ -298,7 +311,7 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
 
     # Not prepared: stepped once per optimizer step, so the schedule does not depend on the number of processes.
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
-    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+    unet, optimizer, loader = prepare_all(accelerator, unet, optimizer, loader)
     state = resumable_state(accelerator, run, unet, optimizer, scheduler)
     run.commit(accelerator, yaml.safe_dump(config_record(cfg), sort_keys=False))
     start_trackers(accelerator, config_record(cfg))
@@ -315,7 +328,11 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
         epoch, done_in_epoch = divmod(state.step, steps_per_epoch)
         loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, done_in_epoch * cfg.grad_accum_steps) if done_in_epoch else loader
+        resumed_rng = torch.get_rng_state() if done_in_epoch else None
         for pixels, batch in batches:
+            if resumed_rng is not None:  # see restore_rng_after_skip
+                torch.set_rng_state(resumed_rng)
+                resumed_rng = None
             with accelerator.accumulate(unet):
                 loss = noise_prediction_loss(unet, vae, conditioning, noise_scheduler, pixels, batch, weight_dtype)
                 total = hooks.loss(loss)
@@ -338,8 +355,12 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
             hooks.on_step(optimizer, state.step, accelerator.print)  # SaRA's re-selection swaps Parameters
             if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
                 save_checkpoint(accelerator, run, state.step, unet, optimizer, scheduler, state.state_dict(), cfg.keep_checkpoints)
-            if cfg.validation_prompt and accelerator.is_main_process and (state.step % cfg.validation_every == 0 or state.step == cfg.max_steps):
-                log_images(accelerator, validate(cfg, parts, plain_unet, accelerator, state.step, weight_dtype), state.step)
+            # A sharded UNet runs on every process together (rank 0 writes the images).
+            if cfg.validation_prompt and (accelerator.is_main_process or sharded) and (
+                    state.step % cfg.validation_every == 0 or state.step == cfg.max_steps):
+                paths = validate(cfg, parts, plain_unet, accelerator, state.step, weight_dtype)
+                if accelerator.is_main_process:
+                    log_images(accelerator, paths, state.step)
                 unet.train()
             if state.step >= cfg.max_steps or state.step == stop_after_step:
                 break
@@ -353,16 +374,55 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
     if state.step < cfg.max_steps:  # stopped early
         return result
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if cfg.method.name == "full":
-            pv.merge(plain_unet).save_pretrained(out / "unet")
-            result["unet_dir"] = str(out / "unet")
-        else:
-            result["adapter_dir"] = str(pv.save_adapter(plain_unet, out / "adapter"))
-            if cfg.method.name == "lora":  # diffusers' own file beside ours: pipe.load_lora_weights(adapter_dir)
-                pv.diffusers.export_diffusers_lora(plain_unet, out / "adapter")
+    if sharded:  # every process: the saves gather the shards, rank 0 writes
+        export(cfg, plain_unet, out, result)
+    elif accelerator.is_main_process:
+        export(cfg, plain_unet, out, result)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def check_sharded_method(cfg: DiffusionConfig, unet) -> None:
+    """ConfigError for what a sharded (FSDP2) UNet cannot do: SaRA's progressive re-selection (it reads
+    whole weights and resizes the trainable values, which FSDP2 holds as fixed-size shards)."""
+    if cfg.method.name == "sara":
+        from petl_vision.methods.sara import reselect_step
+
+        at = reselect_step(unet, cfg.max_steps)
+        if at is not None:
+            raise ConfigError(f"method sara under FSDP2: progressive re-selection (after step {at}) is not supported on a "
+                              "sharded UNet; set method.progressive_fraction=null (or train with DDP / on one process)")
+
+
+def export(cfg: DiffusionConfig, unet, out: Path, result: dict) -> None:
+    """Write the trained UNet (full: `out/unet`) or adapter (`out/adapter`; LoRA: diffusers' file too) and
+    record the folder in `result`. A sharded (FSDP2) UNet: call on every process (the tensors are gathered)."""
+    if cfg.method.name == "full":
+        result["unet_dir"] = str(save_full_unet(unet, out / "unet"))
+        return
+    result["adapter_dir"] = str(pv.save_adapter(unet, out / "adapter"))
+    if cfg.method.name == "lora":  # diffusers' own file beside ours: pipe.load_lora_weights(adapter_dir)
+        pv.diffusers.export_diffusers_lora(unet, out / "adapter")
+
+
+def save_full_unet(unet, folder: Path) -> Path:
+    """`pv.merge(unet).save_pretrained(folder)`; a sharded (FSDP2) UNet: its state gathered tensor by
+    tensor on every process, loaded by rank 0 into an unsharded UNet of the same config, which it saves."""
+    if sharding(unet) != "fsdp2":
+        pv.merge(unet).save_pretrained(folder)
+        return folder
+    from diffusers import UNet2DConditionModel
+
+    state = {k: full_tensor(v.detach()).cpu() for k, v in unet.state_dict().items() if not k.startswith("petl.")}
+
+    def write() -> Path:
+        whole = UNet2DConditionModel.from_config(unet.config)
+        whole.load_state_dict(state)
+        whole.save_pretrained(folder)
+        return folder
+
+    return run_on_rank0(write)
 
 
 def collate_captioned(items, conditioning: TextConditioning, resolution: int):
@@ -431,7 +491,8 @@ def validate(cfg: DiffusionConfig, parts: dict, unet, accelerator, step: int, we
             image = pipe(cfg.validation_prompt, num_inference_steps=cfg.validation_inference_steps, generator=generator,
                          height=cfg.resolution, width=cfg.resolution).images[0]
             paths.append(folder / f"step_{step:06d}_{i}.png")
-            image.save(paths[-1])
+            if accelerator.is_main_process:  # a sharded UNet generates on every process alike
+                image.save(paths[-1])
     del pipe
     return paths
 
@@ -448,6 +509,13 @@ def log_images(accelerator, paths: list[Path], step: int) -> None:
     for tracker in trackers:
         kwargs = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
         tracker.log_images({"validation": images}, step=step, **kwargs)
+
+
+# restore_rng_after_skip: a run resumed inside an epoch starts a new data iterator there, which draws its
+# seed from the CPU generator (the uninterrupted run drew it at the epoch's start) and fetches the
+# skipped batches; the CPU generator is set back to the checkpoint's state at the first batch, so the
+# noise and timesteps drawn on the CPU are the uninterrupted run's (exact when the image transforms
+# draw no random numbers, i.e. random_flip off; a GPU run draws its noise on the GPU's generator).
 
 
 def resumable_state(accelerator, run: Run, model, optimizer, scheduler) -> TrainState:

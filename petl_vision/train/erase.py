@@ -29,6 +29,10 @@ The official optimizer is bitsandbytes' AdamW8bit (`optimizer: adamw8bit`); the 
 (torch, same hyper-parameters) needs no extra package. On Accelerate: mixed precision, checkpoints
 every `checkpoint_every` steps with exact `--resume`, the official file every checkpoint
 (``<name>_<step>steps.safetensors``) and at the end (``<name>_last.safetensors``).
+
+Under FSDP2 (an FSDP launch, see sharding.py) the UNet is sharded per block after the membrane is
+applied; every process runs the same seeded step (there is no data to split), so the averaged
+gradient is the single-process one; the membrane file is gathered and written once by rank 0.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ import torch.nn.functional as F
 import yaml
 
 import petl_vision as pv
+from petl_vision.core.distributed import sharding
 from petl_vision.methods.spm import membranes_disabled
 
 from .conditioning import TextConditioning
@@ -50,6 +55,7 @@ from .config import ConfigError, check_override, coerce, parse_override, read_ma
 from .checkpoint import check_finite, save_checkpoint
 from .diffusion import (ARTIFACTS, check_attention, config_record, load_unet_and_conditioning, resumable_state, set_attention,
                         start_diffusion_run)
+from .sharding import maybe_shard, prepare_all
 from .tracking import MetricsLog, check_trackers, finish_trackers, start_trackers
 
 # A run folder of erase_concept also holds the membranes it wrote.
@@ -315,7 +321,9 @@ def train_erasure(cfg: EraseConfig, resume: str | Path | bool | None = None, sto
     set_attention(unet, cfg.attention)
     name = cfg.membrane_name
     pv.apply(unet, pv.SPMConfig(rank=cfg.rank, alpha=cfg.alpha, membranes=(name,), prompts=(cfg.concept,)))
-    trainable = [p for p in unet.parameters() if p.requires_grad]
+    unet = maybe_shard(accelerator, unet, accelerator.mixed_precision)  # FSDP2 per block under an FSDP launch
+    sharded = sharding(unet) == "fsdp2"  # then the membrane file is gathered on every process, written by rank 0
+    trainable = [p for p in unet.parameters() if p.requires_grad]  # after sharding: DTensors under FSDP2
     if cfg.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -326,7 +334,7 @@ def train_erasure(cfg: EraseConfig, resume: str | Path | bool | None = None, sto
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps,
                                  num_cycles=cfg.lr_num_cycles)
-    unet, optimizer = accelerator.prepare(unet, optimizer)  # the scheduler steps once per step, whatever the process count
+    unet, optimizer = prepare_all(accelerator, unet, optimizer)  # the scheduler steps once per step, whatever the process count
     plain_unet = accelerator.unwrap_model(unet)
     state = resumable_state(accelerator, run, unet, optimizer, lr_scheduler)
     run.commit(accelerator, yaml.safe_dump(config_record(cfg), sort_keys=False))
@@ -355,7 +363,7 @@ def train_erasure(cfg: EraseConfig, resume: str | Path | bool | None = None, sto
         bar.set_postfix(loss=f"{losses[-1]['loss']:.3e}", erase=f"{losses[-1]['erase']:.3e}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}")
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
             save_checkpoint(accelerator, run, state.step, unet, optimizer, lr_scheduler, state.state_dict(), cfg.keep_checkpoints)
-            if accelerator.is_main_process and state.step < cfg.max_steps:
+            if (accelerator.is_main_process or sharded) and state.step < cfg.max_steps:
                 save_spm(plain_unet, out / f"{name}_{state.step}steps.safetensors", name)
     bar.close()
     log.close()
@@ -365,7 +373,8 @@ def train_erasure(cfg: EraseConfig, resume: str | Path | bool | None = None, sto
     if state.step < cfg.max_steps:
         return result
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if accelerator.is_main_process or sharded:
         result["spm_file"] = str(save_spm(plain_unet, out / f"{name}_last.safetensors", name))
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
