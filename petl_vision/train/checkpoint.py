@@ -376,6 +376,8 @@ def load_checkpoint(accelerator, folder: Path, model, optimizer, scheduler) -> d
 def _load_model_state(model: nn.Module, saved: dict, folder: Path) -> None:
     """Copy the saved trainable tensors (whole, or this process's shards) into `model`; the frozen backbone
     is not in the checkpoint. CheckpointError, before anything is copied, when the names do not fit."""
+    if sharding(model) is None:
+        return _load_whole(model, saved, folder)
     current = trainable_state(model)
     trainable = {k for k, v in model.named_parameters() if v.requires_grad}
     missing = sorted(k for k in current if k in trainable and k not in saved)
@@ -387,6 +389,21 @@ def _load_model_state(model: nn.Module, saved: dict, folder: Path) -> None:
     with torch.no_grad():
         for key, value in saved.items():
             _local(current[key]).copy_(_value(value))
+
+
+def _load_whole(model: nn.Module, saved: dict, folder: Path) -> None:
+    """An unsharded model: through `load_state_dict`, so the modules' load hooks run (SaRA gives its tensors
+    the saved sizes, which change at a progressive re-selection: tests/test_diffusion_script.py)."""
+    trainable = {k for k, v in model.named_parameters() if v.requires_grad}
+    try:
+        result = model.load_state_dict(saved, strict=False)  # the frozen backbone is not in the checkpoint
+    except RuntimeError as e:  # size mismatches
+        raise CheckpointError(f"resume: {folder} does not fit this model ({str(e)[:300]}); it was written for another model "
+                              "or method") from e
+    missing = [k for k in result.missing_keys if k in trainable]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"resume: {folder} does not fit this model (missing {missing[:3]}, unexpected "
+                              f"{result.unexpected_keys[:3]}); it was written for another model or method")
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
