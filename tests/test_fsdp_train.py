@@ -145,3 +145,38 @@ def test_sharded_checkpoint_refuses_a_single_process_resume(runs, workdir):
                           cwd=workdir, env=env, capture_output=True, text=True, timeout=150)
     assert proc.returncode != 0
     assert "error:" in proc.stderr and "2 processes" in proc.stderr
+
+
+def other_trainer_args(kind: str, tmp_path) -> tuple[str, list[str]]:
+    """(script, arguments) of a tiny 2-epoch run: CLIP mask tuning with gradient dropout and its score
+    penalty (open_clip resblocks; no augmentation, so that 1 and 2 processes see the same images) or
+    Point-MAE IDPT."""
+    if kind == "clip":
+        from test_clip_train import CONFIG as CLIP_CONFIG, tiny_run_overrides
+        return "train_clip.py", ["--config", str(CLIP_CONFIG), *tiny_run_overrides(tmp_path, "petl-tiny-clip-fsdp"), "data.augment=false"]
+    from test_point_train import RUNS, TINY_DATA
+    return "train_pointcloud.py", ["--config", str(ROOT / "configs" / "pointcloud_synthetic_idpt.yaml"), *TINY_DATA, *RUNS["idpt"]]
+
+
+@pytest.mark.parametrize("kind", ["clip", "point"])
+def test_other_trainers_run_sharded_and_save_once(kind, tmp_path):
+    """The CLIP and point-cloud trainers hand their models to the same loop: sharded per open_clip
+    resblock / Point-MAE block (found without FSDP_TRANSFORMER_CLS_TO_WRAP), trained, saved once.
+    CLIP: equal to the single-process run on the same global batch (3 images per process; 6 on one).
+    Point-MAE's BatchNorm normalises each process's half batch, so there the adapter is only checked."""
+    script, args = other_trainer_args(kind, tmp_path)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", **FSDP_ENV}
+    env.pop("FSDP_TRANSFORMER_CLS_TO_WRAP")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "scripts" / script), *args, "--output-dir", str(tmp_path / "run")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("done:") == 1
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter.safetensors")
+    assert saved and all(torch.isfinite(v).all() for v in saved.values())
+    ckpt = tmp_path / "run" / "checkpoints" / "epoch_2"
+    assert (ckpt / "state_0.safetensors").is_file() and (ckpt / "state_1.safetensors").is_file()
+    if kind == "clip":
+        run(tmp_path, [*args, "batch_size=6", "--output-dir", str(tmp_path / "single")], processes=1,
+            script=ROOT / "scripts" / script)
+        assert max_diff(saved, load_file(tmp_path / "single" / "adapter" / "adapter.safetensors")) <= TOL

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..core.distributed import is_dtensor
 from ..core.errors import UnsupportedHostError
 from ..core.registry import Method, MethodConfig, register_method
 from ..core.state import get_state
@@ -298,6 +299,9 @@ def gradient_dropout(a: torch.Tensor, b: torch.Tensor, lam: float, u: torch.Tens
     """
     if u is None:
         u = torch.rand(a.shape, generator=generator, device=a.device, dtype=a.dtype)
+        if is_dtensor(a):  # FSDP2: every process draws the whole tensor alike and keeps its shard (no communication)
+            from torch.distributed.tensor import distribute_tensor
+            u = distribute_tensor(u, a.device_mesh, a.placements, src_data_rank=None)
     p = (torch.sign(a) * (a + b) / (a.abs() + b.abs() + eps) + 1) / 2
     return ((1.0 - lam) + lam * (p > u).to(a.dtype)) * a
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accelerate import PartialState
 from accelerate.utils import set_seed
 
 from petl_vision.clip import CLIPClassifier, class_names_from_folders, clip_transforms, few_shot, load_clip, read_class_names
@@ -31,6 +30,7 @@ from petl_vision.clip.zero_shot import resolve_templates
 from petl_vision.data.build import image_folders
 from petl_vision.methods import mask_tuning
 
+from .cli import report
 from .config import ConfigError, TrainConfig, apply_section_override, build_section, from_dict, read_yaml
 from .trainer import start_classifier_run, train
 
@@ -113,7 +113,7 @@ def train_clip(cfg: CLIPTrainConfig, resume: str | Path | bool | None = None, st
     tc = cfg.train
     if tc.grad_accum_steps != 1:
         raise ConfigError(f"grad_accum_steps={tc.grad_accum_steps}: the CLIP trainer steps on every batch (use 1)")
-    say = PartialState().print  # the main process only
+    say = report  # the main process only (a PartialState made here would miss Accelerate's CPU launch settings)
     record = {"data": dataclasses.asdict(cfg.data), "clip": dataclasses.asdict(cfg.clip)}
     start_classifier_run(tc, resume, overwrite, record)  # fail before building: the folder, the checkpoint
     set_seed(tc.seed)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from accelerate import PartialState
 
+from .cli import report
 from .config import load_config
 from .trainer import start_classifier_run, train
 
@@ -39,7 +39,7 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] | tuple[
                          "pass --overwrite to run it again into the same folder")
     if not Path(config).is_file():
         raise FileNotFoundError(f"demo config not found: {config} (expected configs/demo_digits.yaml in the repository)")
-    rows, say = [], PartialState().print  # prints on the main process only
+    rows, say = [], report  # prints on the main process only
     configs = [load_config(config, [*recipe, f"output_dir={Path(output_dir) / sub}", *overrides, *identity])
                for sub, recipe, identity in VARIANTS]
     for cfg in configs:  # refuse a folder holding other runs before the first variant trains

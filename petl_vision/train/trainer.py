@@ -254,6 +254,8 @@ class MethodHooks:
         """`task_loss` plus every method's extra loss (0-dim)."""
         for method, config in self.methods:
             extra = method.extra_loss(self.model, config)
+            if is_dtensor(extra):  # of sharded parameters (FSDP2), outside the forward: reduce it (differentiable)
+                extra = extra.full_tensor()
             if extra is not None:
                 task_loss = task_loss + extra
         return task_loss
@@ -271,11 +273,12 @@ class MethodHooks:
         method.backward(self.model, config, loss, TrainStep(inputs, outputs, step, self.seed, backward, self.reference))
 
     def average_gradients(self, accelerator: Accelerator) -> None:
-        """Mean of the gradients across processes, when a method computed them without synchronisation."""
+        """Mean of the gradients across processes, when a method computed them without synchronisation
+        (DDP's no_sync). Under FSDP2 each backward already reduced its gradients (sharded DTensors)."""
         if self.owner is None or accelerator.num_processes == 1:
             return
         for p in self.model.parameters():
-            if p.grad is not None:
+            if p.grad is not None and not is_dtensor(p.grad):
                 p.grad = accelerator.reduce(p.grad, reduction="mean")
 
     def on_step(self, optimizer, step: int, say=print) -> dict:
