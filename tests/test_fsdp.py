@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -132,7 +133,9 @@ def test_accelerate_configs_parse(name, monkeypatch):
 
     plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 2
-    assert plugin.transformer_cls_names_to_wrap == ["Block"]
+    assert plugin.transformer_cls_names_to_wrap is None  # the trainers find each host's blocks
+    from petl_vision.train.sharding import fsdp_settings
+    assert fsdp_settings() == {"class_names": None, "reshard_after_forward": True}
     assert plugin.state_dict_type.name == "SHARDED_STATE_DICT"
     assert plugin.reshard_after_forward is True
 
@@ -168,3 +171,29 @@ def test_hst_sync_batchnorm_conversion_keeps_the_adapter():
             synced(x)
         finally:
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("variable", ["FSDP_OFFLOAD_PARAMS", "FSDP_ACTIVATION_CHECKPOINTING", "FSDP_CPU_RAM_EFFICIENT_LOADING", "FSDP_VERSION"])
+def test_trainer_sharding_refuses_options_it_does_not_carry_out(variable, monkeypatch):
+    from petl_vision.train.sharding import fsdp_settings
+
+    monkeypatch.setenv(variable, "1" if variable == "FSDP_VERSION" else "true")
+    with pytest.raises(ValueError, match="fsdp"):
+        fsdp_settings()
+
+
+def test_block_units_by_host_family_and_by_class_name():
+    import timm
+
+    from petl_vision.core.distributed import block_units
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)
+    assert block_units(vit) == list(vit.blocks)
+    assert block_units(vit, ["Mlp"]) == [b.mlp for b in vit.blocks]
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, embed_dim=16, depths=(1, 1),
+                             num_heads=(1, 2), window_size=2)
+    assert len(block_units(swin)) == 2 and all(type(b).__name__ == "SwinTransformerBlock" for b in block_units(swin))
+    with pytest.raises(ValueError, match="no module of class"):
+        block_units(vit, ["ResidualAttentionBlock"])
+    with pytest.raises(ValueError, match="no block list"):
+        block_units(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -137,7 +137,7 @@ def block_units(model: nn.Module, class_names: list[str] | tuple[str, ...] | Non
 
     class_names: the block classes by name (Accelerate's `fsdp_transformer_layer_cls_to_wrap`); the
     outermost modules of those classes are the units. Default, by host family: timm's `blocks`
-    (ViT, EVA, DeiT; Swin / ConvNeXt: each stage's blocks), open_clip's `transformer.resblocks`,
+    (ViT, EVA, DeiT; ConvNeXt `stages[i].blocks`, Swin `layers[i].blocks`), open_clip's `transformer.resblocks`,
     Point-MAE's `blocks`, a diffusers UNet's time embedding and every down / mid / up block's resnets
     and attentions. ValueError when nothing matches.
     """
@@ -169,11 +169,11 @@ def block_units(model: nn.Module, class_names: list[str] | tuple[str, ...] | Non
         resblocks = getattr(getattr(owner, "transformer", None), "resblocks", None)
         if isinstance(resblocks, (nn.ModuleList, nn.Sequential)):
             return list(resblocks)
-        stages = getattr(owner, "stages", None)
-        if isinstance(stages, (nn.ModuleList, nn.Sequential)) and all(hasattr(s, "blocks") for s in stages):
-            return [block for stage in stages for block in stage.blocks]
+        for stages in (getattr(owner, "stages", None), getattr(owner, "layers", None)):  # ConvNeXt, Swin
+            if isinstance(stages, (nn.ModuleList, nn.Sequential)) and all(hasattr(s, "blocks") for s in stages):
+                return [block for stage in stages for block in stage.blocks]
     raise ValueError(f"fsdp: no block list found in {type(model).__name__} (looked for blocks, transformer.resblocks, "
-                     "stages[i].blocks, a UNet's down/mid/up blocks); name its block class with "
+                     "stages[i].blocks, layers[i].blocks, a UNet's down/mid/up blocks); name its block class with "
                      "fsdp_transformer_layer_cls_to_wrap")
 
 

@@ -15,6 +15,11 @@ from torch import nn
 from petl_vision.core.distributed import shard_model, sharding
 
 
+# Accelerate FSDP options the trainers' own sharding does not carry out: refused rather than ignored.
+UNSUPPORTED = {"fsdp_offload_params": "FSDP_OFFLOAD_PARAMS", "fsdp_activation_checkpointing": "FSDP_ACTIVATION_CHECKPOINTING",
+               "fsdp_cpu_ram_efficient_loading": "FSDP_CPU_RAM_EFFICIENT_LOADING"}
+
+
 def fsdp_requested(accelerator) -> bool:
     """Whether this run shards with FSDP: Accelerate's FSDP (version 2) or its `ACCELERATE_USE_FSDP`
     environment (what `accelerate launch` with an FSDP config sets), on more than one process."""
@@ -35,6 +40,10 @@ def fsdp_settings() -> dict:
     version = os.environ.get("FSDP_VERSION", "2")
     if version != "2":
         raise ValueError(f"fsdp: FSDP_VERSION={version}; the trainers run FSDP2 (fsdp_version: 2, as configs/accelerate/fsdp.yaml)")
+    for key, variable in UNSUPPORTED.items():
+        if os.environ.get(variable, "false").lower() in ("1", "true", "yes"):
+            raise ValueError(f"fsdp: {key}: true is not supported by the petl_vision trainers (set it to false, as "
+                             "configs/accelerate/fsdp.yaml does); the frozen backbone is already sharded per block")
     return {"class_names": names or None, "reshard_after_forward": reshard}
 
 
