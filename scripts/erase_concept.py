@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from petl_vision.train.cli import check_pipeline_arg, diffusion_parser, parse_training_args, run_cli, trainer_options
+from petl_vision.train.cli import check_pipeline_arg, diffusion_parser, parse_training_args, report, run_cli, trainer_options
 from petl_vision.train.erase import load_erase_config, train_erasure
 
 
@@ -32,7 +32,7 @@ def main(argv=None) -> dict:
     cfg = load_erase_config(args.config, overrides)
     check_pipeline_arg(cfg.model, "model (--model)")  # before the pipeline loads
     result = train_erasure(cfg, **trainer_options(train_erasure, args))
-    print(f"done: {result['steps']} steps; SPM file: {result['spm_file']}")
+    report(f"done: {result['steps']} steps; SPM file: {result['spm_file']}")
     return result
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 
 from petl_vision.data.common import require_dir
-from petl_vision.train.cli import check_pipeline_arg, diffusion_parser, parse_training_args, run_cli, trainer_options
+from petl_vision.train.cli import check_pipeline_arg, diffusion_parser, parse_training_args, report, run_cli, trainer_options
 from petl_vision.train.diffusion import METHODS, load_diffusion_config, train_diffusion
 
 
@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
     check_pipeline_arg(cfg.model, "model (--model)")  # before the pipeline loads
     require_dir(cfg.data, "captioned image folder (--data)")
     result = train_diffusion(cfg, **trainer_options(train_diffusion, args))
-    print(f"done: {result['steps']} steps; adapter: {result['adapter_dir']}; unet: {result['unet_dir']}")
+    report(f"done: {result['steps']} steps; adapter: {result['adapter_dir']}; unet: {result['unet_dir']}")
     return result
 
 

@@ -39,6 +39,7 @@ def launch(script: str, args: list, timeout: int = 120) -> subprocess.CompletedP
            str(ROOT / "scripts" / script), *map(str, args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    assert proc.stdout.count("done: 2 steps") == 1, proc.stdout[-2000:]  # reported by rank 0 alone
     return proc
 
 
