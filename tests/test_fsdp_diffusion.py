@@ -134,3 +134,34 @@ def test_spm_trainer_two_steps_under_fsdp2(pipeline_dir, tmp_path):
     loaded = unet_outputs(pipeline_dir, spm_file=fsdp / "snoopy_last.safetensors")  # the SPM loader, unsharded UNet
     assert (loaded - unet_outputs(pipeline_dir, spm_file=one / "snoopy_last.safetensors")).abs().max() <= 1e-4
     assert (loaded - unet_outputs(pipeline_dir)).abs().max() > 1e-4
+
+
+def test_sara_out_of_place_access_equals_the_in_place_one(monkeypatch):
+    """The mechanism SaRA uses on a sharded host, on one process (the model taken for an FSDP2 module):
+    the same outputs and value gradients as the in-place writes, and the host weights stay the base."""
+    from test_sara import tiny_unet
+
+    from petl_vision.methods import sara
+
+    def step(out_of_place: bool):
+        monkeypatch.setattr(sara, "is_fsdp2_module", lambda model: out_of_place)
+        unet = pv.apply(tiny_unet(), "sara", fraction=0.1).train()
+        deltas = sara.sara_module(unet).deltas()
+        with torch.no_grad():
+            for i, delta in enumerate(deltas.values()):
+                delta.values.add_(0.1 * torch.randn(delta.values.shape, generator=torch.Generator().manual_seed(i)))
+        g = torch.Generator().manual_seed(0)
+        out = unet(torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(2, 5, 32, generator=g)).sample
+        out.square().mean().backward()
+        grads = {name: d.values.grad.clone() for name, d in deltas.items()}
+        written = max((sara._owner(unet, n)[0].parametrizations[n.rsplit(".", 1)[1]].original.detach().reshape(-1)[d.indices.long()]
+                       - d.base).abs().max().item() for n, d in deltas.items())
+        return out.detach(), grads, written, all(d.out_of_place == out_of_place for d in deltas.values())
+
+    out_a, grads_a, written_a, flags_a = step(False)
+    out_b, grads_b, written_b, flags_b = step(True)
+    assert flags_a and flags_b
+    assert (out_a - out_b).abs().max() <= 1e-6
+    assert grads_a.keys() == grads_b.keys() and max((grads_a[k] - grads_b[k]).abs().max().item() for k in grads_a) <= 1e-6
+    assert max(g.abs().max().item() for g in grads_b.values()) > 1e-4  # the gradients reach the values
+    assert written_a > 1e-2 and written_b == 0  # in place: W holds the values; out of place: W keeps its base
