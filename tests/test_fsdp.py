@@ -195,5 +195,8 @@ def test_block_units_by_host_family_and_by_class_name():
     assert len(block_units(swin)) == 2 and all(type(b).__name__ == "SwinTransformerBlock" for b in block_units(swin))
     with pytest.raises(ValueError, match="no module of class"):
         block_units(vit, ["ResidualAttentionBlock"])
+    import petl_vision as pv
+    lst = pv.apply(vit, "lst")  # its side network is built of timm Blocks too: not host units
+    assert block_units(lst, ["Block"]) == list(lst.blocks) and any(type(m).__name__ == "Block" for m in lst.petl.modules())
     with pytest.raises(ValueError, match="no block list"):
         block_units(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -180,3 +180,16 @@ def test_other_trainers_run_sharded_and_save_once(kind, tmp_path):
         run(tmp_path, [*args, "batch_size=6", "--output-dir", str(tmp_path / "single")], processes=1,
             script=ROOT / "scripts" / script)
         assert max_diff(saved, load_file(tmp_path / "single" / "adapter" / "adapter.safetensors")) <= TOL
+
+
+def test_side_network_feature_cache_under_fsdp(workdir):
+    """LST under FSDP2: its side network stays whole on every process (averaged like DDP), the backbone
+    is sharded; epoch 1 fills one shared feature cache from both processes, epoch 2 trains from it
+    (no backbone). The adapter equals the single-process run's, which uses the cache too."""
+    stdout = run(workdir, ["--config", "tiny.yaml", "--output-dir", "lst_sharded", "method.name=lst"])
+    assert "feature cache: new" in stdout
+    filled = np.load(workdir / "lst_sharded" / "feature_cache" / "filled.npy")
+    assert filled.shape == (24,) and filled.all()  # each process wrote its half of the samples
+    run(workdir, ["--config", "tiny.yaml", "--output-dir", "lst_single", "method.name=lst", "batch_size=8"], processes=1)
+    sharded = load_file(workdir / "lst_sharded" / "adapter" / "adapter.safetensors")
+    assert max_diff(sharded, load_file(workdir / "lst_single" / "adapter" / "adapter.safetensors")) <= TOL

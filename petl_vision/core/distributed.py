@@ -136,14 +136,16 @@ def block_units(model: nn.Module, class_names: list[str] | tuple[str, ...] | Non
     """The modules FSDP2 makes one shard unit each (the root unit, the model, holds the rest).
 
     class_names: the block classes by name (Accelerate's `fsdp_transformer_layer_cls_to_wrap`); the
-    outermost modules of those classes are the units. Default, by host family: timm's `blocks`
+    outermost modules of those classes are the units (not those of the methods' state, `model.petl`). Default, by host family: timm's `blocks`
     (ViT, EVA, DeiT; ConvNeXt `stages[i].blocks`, Swin `layers[i].blocks`), open_clip's `transformer.resblocks`,
     Point-MAE's `blocks`, a diffusers UNet's time embedding and every down / mid / up block's resnets
     and attentions. ValueError when nothing matches.
     """
     model = unwrap(model)
     if class_names:
-        wanted, units, inside = set(class_names), [], set()
+        wanted, units = set(class_names), []
+        state = getattr(model, "petl", None)  # the methods' own modules (an LST side network's blocks) are not host blocks
+        inside = {id(m) for m in state.modules()} if isinstance(state, nn.Module) else set()
         for module in model.modules():  # parents come before their children
             if id(module) in inside:
                 continue
@@ -177,10 +179,13 @@ def block_units(model: nn.Module, class_names: list[str] | tuple[str, ...] | Non
                      "fsdp_transformer_layer_cls_to_wrap")
 
 
-def shard_model(model: nn.Module, class_names=None, mixed_precision: str = "no", reshard_after_forward: bool = True) -> nn.Module:
+def shard_model(model: nn.Module, class_names=None, mixed_precision: str = "no", reshard_after_forward: bool = True,
+                ignored_params: set | None = None) -> nn.Module:
     """FSDP2 (`fully_shard`) on each of `block_units(model, class_names)`, then on the model (in place).
 
-    Apply the methods first (`pv.apply` refuses a sharded model). mixed_precision "bf16" / "fp16":
+    Apply the methods first (`pv.apply` refuses a sharded model). ignored_params: parameters left whole
+    (plain tensors, not DTensors) on every process; they must not be inside a block unit, and their
+    gradients are not reduced by FSDP. mixed_precision "bf16" / "fp16":
     the gathered parameters and the compute in that dtype, gradients reduced in fp32 (as Accelerate's
     FSDP2 plugin does); "no": fp32. Needs an initialised process group (Accelerate's, torchrun's).
     """
@@ -191,7 +196,12 @@ def shard_model(model: nn.Module, class_names=None, mixed_precision: str = "no",
         raise ValueError(f"fsdp: mixed_precision {mixed_precision!r}; expected one of {sorted(dtypes)}")
     param_dtype = dtypes[mixed_precision]
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    for unit in block_units(model, class_names):
+    units = block_units(model, class_names)
+    ignored = set(ignored_params or ())
+    inside = [u for u in units if any(p in ignored for p in u.parameters())]
+    if inside:
+        raise ValueError(f"fsdp: ignored parameters inside the block unit {type(inside[0]).__name__}; leave them outside the blocks")
+    for unit in units:
         fully_shard(unit, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward, ignored_params=ignored or None)
     return model

@@ -23,7 +23,8 @@ read. Size: (L + 1) * N * D * 2 bytes per sample, about 3.9 MB for ViT-B/16 at 2
 `logits_with_cache(model, batch, cache)` does either, for a batch of an `IndexedDataset` loader
 (epoch 1) or of a `cache.dataset()` loader (later epochs).
 
-The cache is written by one process; use it for single-process training.
+One process writes the cache, or several processes of one sharded (FSDP2) run on one machine, each
+its own samples into the same memory-mapped files (one allocates them: `allocate`, the others `reload`).
 """
 from __future__ import annotations
 
@@ -182,6 +183,19 @@ class FeatureCache:
         self._filled[idx] = 1  # flags last: a crash never leaves a flagged sample without data
         self._filled.flush()
 
+    def allocate(self, example: dict[str, torch.Tensor]) -> None:
+        """Create the field files from one example batch ({name: (B, ...)}), as the first `write` would.
+        Several processes sharing a cache: one allocates, the others then call `reload`."""
+        if not self.fields:
+            self._allocate({name: (tuple(t.shape[1:]), t.dtype) for name, t in example.items()})
+
+    def reload(self) -> None:
+        """Re-read meta.json (the fields another process allocated)."""
+        stored = self._read_meta()
+        if stored is None or stored.get("key") != self.meta["key"]:
+            raise ValueError(f"FeatureCache.reload: {self.directory / META_NAME} is missing or belongs to another cache")
+        self.meta, self._arrays = stored, {}
+
     def read(self, indices) -> dict[str, torch.Tensor]:
         """{name: tensor (len(indices), ...)} of stored samples; ValueError naming missing ones."""
         idx = _as_index(indices)
@@ -257,17 +271,22 @@ def uses_side_network(model: nn.Module) -> bool:
     return isinstance(state, nn.Module) and any(isinstance(m, SideNetwork) for m in state.children())
 
 
-def logits_with_cache(model: nn.Module, batch, cache: FeatureCache) -> tuple[torch.Tensor, torch.Tensor]:
+def logits_with_cache(model: nn.Module, batch, cache: FeatureCache, any_process=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, targets) of one training batch, using and filling `cache`.
 
     batch: (indices, images, targets) from an `IndexedDataset` loader (the backbone runs only for
     samples not yet cached, and their features are stored), or a dict from `cache.dataset()`
     (no backbone at all). `model` is the unwrapped model (not a DDP/accelerate wrapper).
+    any_process: `any_process(flag) -> bool`, True when the flag is True on any process: a sharded
+    backbone runs on every process or on none (its forward is collective).
     """
     if isinstance(batch, dict):
         return side_forward_from_cache(model, batch), batch["target"]
     indices, images, targets = batch
-    if cache.has(indices):
+    missing = not cache.has(indices)
+    if any_process is not None:
+        missing = any_process(missing)
+    if not missing:
         features = cache.read(indices)
     else:
         features = side_features(model, images)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import nn
 
-from petl_vision.core.distributed import shard_model, sharding
+from petl_vision.core.distributed import is_dtensor, shard_model, sharding
+from petl_vision.methods._feature_cache import uses_side_network
 
 
 # Accelerate FSDP options the trainers' own sharding does not carry out: refused rather than ignored.
@@ -54,7 +56,49 @@ def maybe_shard(accelerator, model: nn.Module, mixed_precision: str | None = Non
     if not fsdp_requested(accelerator):
         return model
     model.to(accelerator.device)
-    return shard_model(model, mixed_precision=mixed_precision or accelerator.mixed_precision, **fsdp_settings())
+    return shard_model(model, mixed_precision=mixed_precision or accelerator.mixed_precision,
+                       ignored_params=whole_parameters(model), **fsdp_settings())
+
+
+def whole_parameters(model: nn.Module) -> set[nn.Parameter]:
+    """Parameters FSDP leaves whole on every process: a side network's (LST, UniPT). Small by design,
+    they are averaged across processes like DDP's (`average_whole_gradients`), and the feature cache
+    can run the side network alone, outside the sharded model's forward."""
+    from petl_vision.methods._side import side_network
+
+    return set(side_network(model).parameters()) if uses_side_network(model) else set()
+
+
+def average_whole_gradients(model: nn.Module, accelerator) -> None:
+    """On a sharded model, the mean over processes of the gradients FSDP did not reduce (plain
+    tensors: `whole_parameters`). Call it once per optimizer step, before clipping."""
+    if sharding(model) != "fsdp2" or accelerator.num_processes == 1:
+        return
+    for p in model.parameters():
+        if p.requires_grad and p.grad is not None and not is_dtensor(p.grad):
+            p.grad = accelerator.reduce(p.grad, reduction="mean")
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, accelerator) -> torch.Tensor:
+    """`accelerator.clip_grad_norm_` over the trainable parameters; on a sharded model the norm over
+    the shards (summed across processes) and the whole tensors (alike on every process)."""
+    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if sharding(model) != "fsdp2":
+        return accelerator.clip_grad_norm_(params, max_norm)
+    squares = torch.zeros((), device=accelerator.device)
+    for p in params:
+        if is_dtensor(p.grad):
+            squares = squares + p.grad.to_local().float().pow(2).sum()
+    squares = accelerator.reduce(squares.reshape(1), reduction="sum").reshape(())
+    for p in params:
+        if not is_dtensor(p.grad):
+            squares = squares + p.grad.float().pow(2).sum()
+    norm = squares.sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        grad = p.grad.to_local() if is_dtensor(p.grad) else p.grad
+        grad.mul_(scale.to(grad.dtype))
+    return norm
 
 
 def prepare_all(accelerator, model: nn.Module, *objects):

@@ -27,13 +27,14 @@ from petl_vision.core.state import get_state
 from petl_vision.data import build_datasets
 from petl_vision.methods import lst as lst_method
 from petl_vision.methods._feature_cache import FeatureCache, IndexedDataset, cache_key, logits_with_cache, uses_side_network
+from petl_vision.methods._side import side_features
 
 from .checkpoint import check_finite, load_checkpoint, run_record, save_checkpoint, start_run
 from .checkpoint import find_checkpoint as _find_checkpoint
 from .config import TrainConfig, to_dict
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
-from .sharding import maybe_shard, prepare_all
+from .sharding import average_whole_gradients, clip_grad_norm, fsdp_requested, maybe_shard, prepare_all
 from .tracking import MetricsLog, check_trackers, finish_trackers, start_trackers
 
 
@@ -135,11 +136,11 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
     run.commit(accelerator, yaml.safe_dump(run_config, sort_keys=False))
     start_trackers(accelerator, run_config)
 
-    cache = None  # side networks (lst, unipt) on data without augmentation, one process, images not needed
-    if (built and cfg.feature_cache and not cfg.data.augment and uses_side_network(model) and accelerator.num_processes == 1
+    cache = None  # side networks (lst, unipt) on data without augmentation, one process or FSDP, images not needed
+    if (built and cfg.feature_cache and not cfg.data.augment and uses_side_network(model)
+            and (accelerator.num_processes == 1 or fsdp_requested(accelerator))
             and not any(method.owns_backward(config) for method, config in applied_methods(model))):
-        cache = FeatureCache(out / "feature_cache", cache_key(model, train_ds), len(train_ds))
-        accelerator.print(f"feature cache: {cache.status} ({cache.directory})")
+        cache = open_feature_cache(accelerator, out / "feature_cache", cache_key(model, train_ds), len(train_ds))
         train_ds = IndexedDataset(train_ds)  # batches (indices, images, targets)
     if lst_method.needs_data_init(model) and run.resume_from is None:
         # Before sharding, on batches every process draws alike (seeded): the same side network everywhere.
@@ -148,6 +149,8 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
                                                                                 for b in init_loader))
     model = maybe_shard(accelerator, model)  # FSDP2 per block under an FSDP launch (sharding.py)
     sharded = sharding(model) == "fsdp2"
+    if cache is not None and accelerator.num_processes > 1:
+        allocate_shared_cache(accelerator, cache, model, train_ds)
     train_loader = DataLoader(train_ds, cfg.batch_size, shuffle=True, drop_last=drop_last, num_workers=cfg.num_workers)
     eval_loader = DataLoader(eval_ds, cfg.eval_batch_size or 2 * cfg.batch_size, num_workers=cfg.num_workers)
     effective_batch = cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes
@@ -177,6 +180,8 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
     history, stopped_early, ckpt_dir = [], False, None
     for epoch in range(state.epoch, cfg.epochs):
         loader = train_loader
+        if cache is not None and accelerator.num_processes > 1:
+            accelerator.wait_for_everyone()  # every process has written its samples of the last epoch
         if cache is not None and cache.is_complete():  # no backbone, no image decoding
             cached = DataLoader(cache.dataset(), cfg.batch_size, shuffle=True, num_workers=cfg.num_workers)
             loader = accelerator.prepare_data_loader(cached)
@@ -309,6 +314,10 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator,
     from the complete cache (no backbone).
     """
     model.train()
+    any_process = None
+    if accelerator.num_processes > 1:  # a sharded backbone's forward is collective: run it on all processes or none
+        def any_process(flag: bool) -> bool:
+            return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum").item() > 0
     loss_sum, batches, images = torch.zeros((), device=accelerator.device), 0, 0
     start = time.perf_counter()
     bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show_bar, leave=False)
@@ -316,7 +325,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator,
         with accelerator.accumulate(model), hooks.sync_context(accelerator, model):
             if cache is not None:
                 with accelerator.autocast():
-                    logits, targets = logits_with_cache(accelerator.unwrap_model(model), batch, cache)
+                    logits, targets = logits_with_cache(accelerator.unwrap_model(model), batch, cache, any_process)
                 inputs = None
             else:
                 inputs, targets = batch
@@ -326,8 +335,9 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator,
             hooks.backward(loss, inputs, logits, state.step, accelerator.backward)
             if accelerator.sync_gradients:
                 hooks.average_gradients(accelerator)
+                average_whole_gradients(accelerator.unwrap_model(model), accelerator)
                 if cfg.clip_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+                    clip_grad_norm(accelerator.unwrap_model(model), cfg.clip_grad_norm, accelerator)
                 state.step += 1
             optimizer.step()
             if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
@@ -392,6 +402,31 @@ def check_finite_parameters(model: nn.Module, where: str, accelerator: Accelerat
         names = bad[:3] if bad else "(on another process)"
         raise FloatingPointError(f"trainable parameters {names} hold NaN or inf {where}; lower the learning rate; "
                                  "no adapter was saved")
+
+
+def open_feature_cache(accelerator: Accelerator, directory: Path, key: dict, num_samples: int) -> FeatureCache:
+    """The run's FeatureCache: the main process opens (or wipes and creates) it first, then the others."""
+    cache = FeatureCache(directory, key, num_samples) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    if cache is None:
+        cache = FeatureCache(directory, key, num_samples)
+    accelerator.print(f"feature cache: {cache.status} ({cache.directory})")
+    return cache
+
+
+def allocate_shared_cache(accelerator: Accelerator, cache: FeatureCache, model: nn.Module, train_ds) -> None:
+    """Field files of a cache several processes fill: shapes from one sample through the backbone
+    (every process runs it: a sharded forward is collective), files made by the main process."""
+    if cache.fields:
+        return
+    _, image, target = train_ds[0]
+    model.eval()
+    features = side_features(model, image[None].to(accelerator.device))
+    model.train()
+    if accelerator.is_main_process:
+        cache.allocate({**features, "target": torch.as_tensor([target])})
+    accelerator.wait_for_everyone()
+    cache.reload()
 
 
 def merge_from_adapter(cfg: TrainConfig, adapter_dir: Path, num_classes: int, path: Path) -> str | None:
