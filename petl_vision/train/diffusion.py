@@ -374,9 +374,7 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
     if state.step < cfg.max_steps:  # stopped early
         return result
     accelerator.wait_for_everyone()
-    if sharded:  # every process: the saves gather the shards, rank 0 writes
-        export(cfg, plain_unet, out, result)
-    elif accelerator.is_main_process:
+    if sharded or accelerator.is_main_process:  # sharded: every process (the saves gather the shards, rank 0 writes)
         export(cfg, plain_unet, out, result)
     accelerator.wait_for_everyone()
     accelerator.end_training()
