@@ -13,6 +13,7 @@ A checkpoint folder holds only what training changes:
     state.json               the rest of those states, the step counters, the accelerator's step
     state_<process>.*        instead of state.*, on a model sharded by FSDP2: each process's shards
                              (local pieces of the DTensors); resumed with the same number of processes
+                             (DeepSpeed ZeRO: the whole fp32 trainable tensors, no optimizer states: not resumable)
     rng_<process>.json/.safetensors  python, numpy, torch (and CUDA) RNG states of each process
     complete.json            written last: run_id, config hash and config, sha256 of every file
 
@@ -38,6 +39,8 @@ from safetensors.torch import load_file, save_file
 
 from ..core.distributed import is_dtensor, sharding
 from ..core.io import atomic_write, file_sha256
+from .deepspeed_support import check_resume, zero_stage
+from .deepspeed_support import trainable_tensors as deepspeed_trainable
 
 COMPLETE = "complete.json"
 # Files and folders a run writes into its output_dir (globs); a folder holding any of them holds a run.
@@ -320,6 +323,8 @@ def save_checkpoint(accelerator, run: Run, number: int, model, optimizer, schedu
     main = accelerator.is_main_process
     plain = accelerator.unwrap_model(model)
     sharded = sharding(plain) == "fsdp2"  # every process writes its shards
+    stage = zero_stage(accelerator)  # DeepSpeed: the trainable tensors only (gathered on every process); no resume
+    model_state = trainable_state(plain) if stage is None else {**deepspeed_trainable(plain), **dict(plain.named_buffers())}
     if main:
         if folder.exists():
             shutil.rmtree(folder)
@@ -330,8 +335,8 @@ def save_checkpoint(accelerator, run: Run, number: int, model, optimizer, schedu
     if main or sharded:
         scaler = getattr(accelerator, "scaler", None)
         _save(folder, f"state_{accelerator.process_index}" if sharded else "state", {
-            "model": trainable_state(plain),
-            "optimizer": optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer.state_dict() if stage is None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "counters": dict(counters),
@@ -342,6 +347,7 @@ def save_checkpoint(accelerator, run: Run, number: int, model, optimizer, schedu
         files = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
         _write_json(folder / COMPLETE, {"run_id": run.run_id, "config_hash": run.config_hash, "config": run.record,
                                         "num_processes": accelerator.num_processes, "sharded": sharded,
+                                        **({"deepspeed_zero_stage": stage} if stage is not None else {}),
                                         "counters": dict(counters), "files": files})
         prune_checkpoints(run, keep)
     accelerator.wait_for_everyone()
@@ -352,6 +358,11 @@ def load_checkpoint(accelerator, folder: Path, model, optimizer, scheduler) -> d
     """Restore what `save_checkpoint` wrote into the prepared model, optimizer and scheduler, the RNG states
     and the accelerator's step; returns the counters. Reads safetensors and JSON only."""
     marker = read_marker(folder)
+    if "deepspeed_zero_stage" in marker:
+        raise CheckpointError(f"resume: {folder} was written by a DeepSpeed ZeRO-{marker['deepspeed_zero_stage']} run, "
+                              "which holds no optimizer states (DeepSpeed's partitioned states are not saved); "
+                              "DeepSpeed runs cannot be resumed: start a fresh run")
+    check_resume(accelerator, folder)
     if marker.get("num_processes", 1) != accelerator.num_processes:
         raise CheckpointError(f"resume: {folder} was written by {marker.get('num_processes')} processes; "
                               f"resume with the same number (now {accelerator.num_processes})")

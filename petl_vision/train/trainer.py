@@ -31,6 +31,7 @@ from petl_vision.methods._side import side_features
 
 from .checkpoint import check_finite, load_checkpoint, run_record, save_checkpoint, start_run
 from .checkpoint import find_checkpoint as _find_checkpoint
+from . import deepspeed_support
 from .config import TrainConfig, to_dict
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
@@ -110,9 +111,10 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-        log_with=trackers, project_dir=str(cfg.output_dir),
+        log_with=trackers, project_dir=str(cfg.output_dir), **deepspeed_support.accelerator_kwargs(),
     )
     run = start_classifier_run(cfg, resume, overwrite, config_record)
+    deepspeed_support.check_resume(accelerator, run.resume_from)  # DeepSpeed runs are not resumed
     accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes to it
     built = model is None
     if built:
@@ -155,11 +157,14 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
     eval_loader = DataLoader(eval_ds, cfg.eval_batch_size or 2 * cfg.batch_size, num_workers=cfg.num_workers)
     effective_batch = cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes
     optimizer = build_optimizer(model, cfg.optim, effective_batch)
+    deepspeed = deepspeed_support.zero_stage(accelerator) is not None
+    if deepspeed:  # DeepSpeed clips the gradients itself: clip_grad_norm goes into its config
+        deepspeed_support.configure(accelerator, model, cfg.clip_grad_norm)
     model, optimizer, train_loader, eval_loader = prepare_all(accelerator, model, optimizer, train_loader, eval_loader)
     # Optimizer steps of this process's shard; the scheduler is not prepared (accelerate would step it once
     # per process): it steps once per optimizer step, so the schedule does not depend on the process count.
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
-    scheduler = build_scheduler(optimizer.optimizer, cfg.sched, cfg.epochs, steps_per_epoch)
+    scheduler = build_scheduler(deepspeed_support.torch_optimizer(optimizer), cfg.sched, cfg.epochs, steps_per_epoch)
     baseline_metrics = None
     if reference is not None:
         reference.to(accelerator.device)
@@ -230,6 +235,13 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
             result["merged_path"] = merge_from_adapter(cfg, out / "adapter", num_classes, out / "merged.safetensors") if built else None
             if not built:
                 print("merge skipped: the model is sharded; load the adapter onto the unsharded model and call pv.merge")
+        accelerator.wait_for_everyone()
+    elif deepspeed:  # every process: the fp32 masters are gathered, rank 0 writes
+        result["adapter_dir"] = deepspeed_support.save_adapter(accelerator, model, out / "adapter")
+        if cfg.merge and accelerator.is_main_process:
+            result["merged_path"] = merge_from_adapter(cfg, out / "adapter", num_classes, out / "merged.safetensors") if built else None
+            if not built:
+                print("merge skipped: the model is partitioned by DeepSpeed; load the adapter onto the plain model and call pv.merge")
         accelerator.wait_for_everyone()
     elif accelerator.is_main_process:
         result["adapter_dir"] = str(out / "adapter")

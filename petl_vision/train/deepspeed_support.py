@@ -1,0 +1,144 @@
+"""The classifier trainer under DeepSpeed ZeRO-2 / ZeRO-3, launched through Accelerate:
+`accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml scripts/train_classifier.py ...`.
+
+Accelerate builds the DeepSpeed engine in `prepare` (the trainable parameters' fp32 master copies,
+gradients and optimizer states are partitioned over the processes; under ZeRO-3 the parameters too).
+What the trainer needs besides:
+- CPU processes (tests): Accelerate chooses no process-group backend for DeepSpeed without a GPU;
+  `accelerator_kwargs` hands it gloo (`ACCELERATE_USE_DEEPSPEED=true torchrun ...`, no ACCELERATE_USE_CPU,
+  which would turn DeepSpeed off).
+- `configure`: DeepSpeed clips the gradients itself: its `gradient_clipping` is the run's `clip_grad_norm`
+  (a config file's other number is refused); methods that compute their gradients themselves or change
+  parameters between steps are refused.
+- `save_adapter`: on every process; the trainable tensors are the fp32 master values (whole, gathered
+  under ZeRO-3), rank 0 writes one adapter.
+- Checkpoints hold the trainable tensors and counters, not the partitioned optimizer states (DeepSpeed
+  writes those with pickle): resuming a DeepSpeed run is refused (`check_resume`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import nn
+
+FLAG = "ACCELERATE_USE_DEEPSPEED"
+
+
+def deepspeed_requested() -> bool:
+    """Whether this process was launched for DeepSpeed (`accelerate launch` with a DeepSpeed config sets
+    ACCELERATE_USE_DEEPSPEED=true; torchrun sets LOCAL_RANK)."""
+    return os.environ.get(FLAG, "false").lower() == "true" and int(os.environ.get("LOCAL_RANK", -1)) != -1
+
+
+def accelerator_kwargs() -> dict:
+    """Extra `Accelerator(...)` arguments: on CPU processes under DeepSpeed, the gloo backend (Accelerate
+    would pick none and run one process); otherwise none."""
+    if not deepspeed_requested() or torch.cuda.is_available():
+        return {}
+    from accelerate.utils import InitProcessGroupKwargs
+    return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+
+
+def is_deepspeed(accelerator) -> bool:
+    return str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED")
+
+
+def zero_stage(accelerator) -> int | None:
+    """The ZeRO stage of a DeepSpeed run (0-3), None without DeepSpeed."""
+    if not is_deepspeed(accelerator):
+        return None
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def configure(accelerator, model: nn.Module, clip_grad_norm: float | None) -> None:
+    """Before `accelerator.prepare` of a DeepSpeed run: DeepSpeed's gradient_clipping set to
+    `clip_grad_norm` (0: none) where the config leaves it to the script ('auto' / unset); refuses
+    another number, methods owning the backward, and methods with per-step updates (`on_step`)."""
+    from petl_vision.core.registry import Method, applied_methods
+
+    plugin = accelerator.state.deepspeed_plugin
+    wanted = float(clip_grad_norm or 0.0)
+    if plugin.is_auto("gradient_clipping") or "gradient_clipping" not in plugin.deepspeed_config:
+        plugin.deepspeed_config["gradient_clipping"] = wanted
+    elif float(plugin.deepspeed_config["gradient_clipping"]) != wanted:
+        raise ValueError(f"deepspeed: the DeepSpeed config's gradient_clipping is {plugin.deepspeed_config['gradient_clipping']} "
+                         f"but the run's clip_grad_norm is {clip_grad_norm}; leave gradient_clipping out of the Accelerate "
+                         "config (as configs/accelerate/deepspeed_zero2.yaml) or set the two alike")
+    for method, config in applied_methods(model):
+        if method.owns_backward(config):
+            raise ValueError(f"deepspeed: method {method.name} computes its gradients itself ({config}), which the DeepSpeed "
+                             "engine's backward does not allow; turn that option off, or train under DDP / FSDP")
+        if getattr(method.on_step, "__func__", None) is not Method.on_step.__func__:
+            raise ValueError(f"deepspeed: method {method.name} changes its parameters between steps (on_step), which "
+                             "DeepSpeed's partitioned fp32 copies would overwrite; train it under DDP / FSDP")
+        if zero_stage(accelerator) == 3 and getattr(method.extra_loss, "__func__", None) is not Method.extra_loss.__func__:
+            raise ValueError(f"deepspeed: method {method.name} adds a loss read from its parameters outside the forward, "
+                             "where ZeRO-3 holds only each process's partition; use ZeRO-2 "
+                             "(configs/accelerate/deepspeed_zero2.yaml) or FSDP")
+
+
+def torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside a prepared one (Accelerate's wrapper; under DeepSpeed also the ZeRO
+    optimizer, whose base optimizer's param_groups hold the lr): the one an LR scheduler steps."""
+    inner = optimizer
+    while not isinstance(inner, torch.optim.Optimizer):
+        if not hasattr(inner, "optimizer"):
+            raise TypeError(f"torch_optimizer: {type(optimizer).__name__} holds no torch.optim.Optimizer")
+        inner = inner.optimizer
+    return inner
+
+
+def check_resume(accelerator, resume_from) -> None:
+    """CheckpointError when a DeepSpeed run would resume: its optimizer states are partitioned and not saved."""
+    from .checkpoint import CheckpointError
+
+    if resume_from is not None and is_deepspeed(accelerator):
+        raise CheckpointError(f"resume: {resume_from}: resuming under DeepSpeed is not supported (the partitioned optimizer "
+                              "states are not saved: DeepSpeed writes them with pickle); start a fresh run, or train under "
+                              "FSDP (configs/accelerate/fsdp.yaml) or DDP to resume")
+
+
+def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: whole fp32 master value} of the trainable parameters of a DeepSpeed-prepared model (the
+    engine's module), on the CPU. Every process must call it (ZeRO-3 gathers)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {name: safe_get_full_fp32_param(p).detach().to("cpu", copy=True)
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def whole_parameters(model: nn.Module, values: dict[str, torch.Tensor] | None = None):
+    """Inside, every parameter of `model` is whole (gathered under ZeRO-3, on every process) and the
+    named ones hold `values` (the fp32 masters); restored on exit. Peak memory: the unsharded model."""
+    import deepspeed
+
+    params = list(model.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        saved = {}
+        try:
+            named = dict(model.named_parameters())
+            for name, value in (values or {}).items():
+                p = named[name]
+                saved[name] = p.data
+                p.data = value.to(p.device)
+            yield model
+        finally:
+            for name, data in saved.items():
+                named[name].data = data
+
+
+def save_adapter(accelerator, model: nn.Module, directory) -> str:
+    """`pv.save_adapter` of a DeepSpeed-prepared model, on every process: the fp32 master values of the
+    trainable tensors, the whole model gathered under ZeRO-3; rank 0 writes. Returns the directory."""
+    import petl_vision as pv
+
+    module = accelerator.unwrap_model(model)
+    values = trainable_tensors(module)
+    with whole_parameters(module, values):
+        if accelerator.is_main_process:
+            pv.save_adapter(module, directory)
+    accelerator.wait_for_everyone()
+    return str(directory)
