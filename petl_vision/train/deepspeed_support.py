@@ -8,7 +8,8 @@ What the trainer needs besides:
   `accelerator_kwargs` hands it gloo (`ACCELERATE_USE_DEEPSPEED=true torchrun ...`, no ACCELERATE_USE_CPU,
   which would turn DeepSpeed off).
 - `configure`: DeepSpeed clips the gradients itself: its `gradient_clipping` is the run's `clip_grad_norm`
-  (a config file's other number is refused); methods that compute their gradients themselves or change
+  (a config file's other number is refused); under bf16 / fp16 the model's float inputs are cast to its
+  dtype (DeepSpeed converts the weights only); methods that compute their gradients themselves or change
   parameters between steps are refused.
 - `save_adapter`: on every process; the trainable tensors are the fp32 master values (whole, gathered
   under ZeRO-3), rank 0 writes one adapter.
@@ -66,6 +67,7 @@ def configure(accelerator, model: nn.Module, clip_grad_norm: float | None) -> No
         raise ValueError(f"deepspeed: the DeepSpeed config's gradient_clipping is {plugin.deepspeed_config['gradient_clipping']} "
                          f"but the run's clip_grad_norm is {clip_grad_norm}; leave gradient_clipping out of the Accelerate "
                          "config (as configs/accelerate/deepspeed_zero2.yaml) or set the two alike")
+    cast_inputs(model, compute_dtype(accelerator))
     for method, config in applied_methods(model):
         if method.owns_backward(config):
             raise ValueError(f"deepspeed: method {method.name} computes its gradients itself ({config}), which the DeepSpeed "
@@ -77,6 +79,29 @@ def configure(accelerator, model: nn.Module, clip_grad_norm: float | None) -> No
             raise ValueError(f"deepspeed: method {method.name} adds a loss read from its parameters outside the forward, "
                              "where ZeRO-3 holds only each process's partition; use ZeRO-2 "
                              "(configs/accelerate/deepspeed_zero2.yaml) or FSDP")
+
+
+def compute_dtype(accelerator) -> torch.dtype:
+    """The dtype DeepSpeed gives the model: bfloat16 / float16 with its bf16 / fp16 enabled
+    (Accelerate's mixed_precision), else float32."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    if config.get("bf16", {}).get("enabled") is True:
+        return torch.bfloat16
+    if config.get("fp16", {}).get("enabled") is True:
+        return torch.float16
+    return torch.float32
+
+
+def cast_inputs(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating-point tensors passed to `model`'s forward to `dtype` (a forward pre-hook):
+    DeepSpeed's bf16 / fp16 convert the model's weights, not its inputs (images come as float32)."""
+    if dtype == torch.float32:
+        return
+
+    def hook(module, args):
+        return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    model.register_forward_pre_hook(hook)
 
 
 def torch_optimizer(optimizer) -> torch.optim.Optimizer:

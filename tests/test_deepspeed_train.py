@@ -1,0 +1,95 @@
+"""scripts/train_classifier.py under DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU processes (issue #15), launched
+with `accelerate launch --config_file configs/accelerate/deepspeed_zero{2,3}.yaml` as on GPUs, in fp32
+(`--mixed_precision no`; the configs' bf16 trains the weights in bf16, not comparable to one process).
+On CPU the trainer hands Accelerate the gloo backend (petl_vision.train.deepspeed_support).
+
+One global batch of 8 = 4 per process; the single-process reference trains with batch_size=8.
+Skipped when deepspeed is not installed."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import petl_vision as pv
+from conftest import ROOT
+from petl_vision.core.io import adapter_state_dict
+from test_fsdp_train import _host, max_diff, workdir  # noqa: F401 (workdir: the images and tiny.yaml)
+
+pytest.importorskip("deepspeed")
+
+SCRIPT = ROOT / "scripts" / "train_classifier.py"
+CONFIGS = ROOT / "configs" / "accelerate"
+# Over the run's 6 AdamW steps the sums of 2 processes and of one differ in float rounding only (seen: 3e-5).
+TOL = 1e-4
+
+
+def launch(workdir, args, stage=None, check=True):
+    """scripts/train_classifier.py under `accelerate launch` with deepspeed_zero<stage>.yaml (fp32), or on one
+    process (stage None). Returns the finished process."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)  # it would turn DeepSpeed off
+    if stage is None:
+        cmd = [sys.executable, str(SCRIPT), *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"deepspeed_zero{stage}.yaml"),
+               "--mixed_precision", "no", "--main_process_port", "0", str(SCRIPT), *args]
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=150)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(workdir):
+    """{name: output folder}: single (1 process, batch 8), zero2 (clip_grad_norm 1.0 as tiny.yaml), single_clip
+    and zero3 (clip_grad_norm 0.1: the run's value, not DeepSpeed's default 1.0, clips)."""
+    base = ["--config", "tiny.yaml", "merge=true"]
+    launch(workdir, [*base, "--output-dir", "ds_single", "batch_size=8"])
+    launch(workdir, [*base, "--output-dir", "ds_single_clip", "batch_size=8", "clip_grad_norm=0.1"])
+    stdout = {2: launch(workdir, [*base, "--output-dir", "zero2"], stage=2).stdout,
+              3: launch(workdir, [*base, "--output-dir", "zero3", "clip_grad_norm=0.1"], stage=3).stdout}
+    return {"single": workdir / "ds_single", "single_clip": workdir / "ds_single_clip", 2: workdir / "zero2",
+            3: workdir / "zero3", "stdout": stdout}
+
+
+def adapter(folder):
+    return load_file(folder / "adapter" / "adapter.safetensors")
+
+
+@pytest.mark.parametrize("stage,reference", [(2, "single"), (3, "single_clip")])
+def test_zero_run_trains_the_single_process_adapter(runs, stage, reference):
+    trained, single = adapter(runs[stage]), adapter(runs[reference])
+    assert max_diff(trained, single) <= TOL
+    assert max_diff(trained, adapter(runs["single" if reference == "single_clip" else "single_clip"])) > 1e-3  # clipped alike
+    init = adapter_state_dict(pv.apply(_host(), "ssf"))
+    assert max((trained[k].float() - v.float()).abs().max().item() for k, v in init.items() if k in trained) > 1e-3  # it trained
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_run_saves_once_a_loadable_adapter_and_a_merged_model(runs, stage):
+    folder = runs[stage]
+    assert runs["stdout"][stage].count("done:") == 1
+    assert sorted(p.name for p in (folder / "adapter").iterdir()) == sorted(p.name for p in (runs["single"] / "adapter").iterdir())
+    assert "1,635 of 33,859" in (folder / "adapter" / "README.md").read_text()  # whole counts, also under ZeRO-3
+    host = pv.load_adapter(_host(), folder / "adapter").eval()
+    merged = _host().eval()
+    merged.load_state_dict(load_file(folder / "merged.safetensors"))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(host(x), merged(x), atol=1e-5)
+
+
+def test_zero_checkpoint_holds_the_trained_tensors_and_refuses_a_resume(runs, workdir):
+    ckpt = runs[2] / "checkpoints" / "epoch_2"
+    saved = load_file(ckpt / "state.safetensors")
+    name = "blocks.0.attn.qkv.scale"
+    assert torch.allclose(saved[f"state/model/{name}"], adapter(runs[2])[name], atol=0)
+    assert not any(k.startswith("state/optimizer") for k in saved)
+    # under DeepSpeed: refused before the model is built; on one process: refused by the checkpoint's marker
+    for stage in (2, None):
+        proc = launch(workdir, ["--config", "tiny.yaml", "--output-dir", "zero2", "--resume"], stage=stage, check=False)
+        assert proc.returncode != 0
+        assert "error:" in proc.stderr and "DeepSpeed" in proc.stderr and "resume" in proc.stderr, proc.stderr[-2000:]
