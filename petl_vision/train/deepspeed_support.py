@@ -53,10 +53,11 @@ def zero_stage(accelerator) -> int | None:
     return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def configure(accelerator, model: nn.Module, clip_grad_norm: float | None) -> None:
+def configure(accelerator, model: nn.Module, clip_grad_norm: float | None, grad_accum_steps: int = 1) -> None:
     """Before `accelerator.prepare` of a DeepSpeed run: DeepSpeed's gradient_clipping set to
     `clip_grad_norm` (0: none) where the config leaves it to the script ('auto' / unset); refuses
-    another number, methods owning the backward, and methods with per-step updates (`on_step`)."""
+    another number, another gradient_accumulation_steps than `grad_accum_steps`, methods owning the
+    backward, and methods with per-step updates (`on_step`)."""
     from petl_vision.core.registry import Method, applied_methods
 
     plugin = accelerator.state.deepspeed_plugin
@@ -67,6 +68,11 @@ def configure(accelerator, model: nn.Module, clip_grad_norm: float | None) -> No
         raise ValueError(f"deepspeed: the DeepSpeed config's gradient_clipping is {plugin.deepspeed_config['gradient_clipping']} "
                          f"but the run's clip_grad_norm is {clip_grad_norm}; leave gradient_clipping out of the Accelerate "
                          "config (as configs/accelerate/deepspeed_zero2.yaml) or set the two alike")
+    steps = plugin.deepspeed_config.get("gradient_accumulation_steps", "auto")
+    if steps != "auto" and int(steps) != int(grad_accum_steps):
+        raise ValueError(f"deepspeed: the DeepSpeed config's gradient_accumulation_steps is {steps} but the run's "
+                         f"grad_accum_steps is {grad_accum_steps}; leave it out of the Accelerate config (as "
+                         "configs/accelerate/deepspeed_zero2.yaml) or set the two alike")
     cast_inputs(model, compute_dtype(accelerator))
     for method, config in applied_methods(model):
         if method.owns_backward(config):

@@ -159,7 +159,7 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
     optimizer = build_optimizer(model, cfg.optim, effective_batch)
     deepspeed = deepspeed_support.zero_stage(accelerator) is not None
     if deepspeed:  # DeepSpeed clips the gradients itself: clip_grad_norm goes into its config
-        deepspeed_support.configure(accelerator, model, cfg.clip_grad_norm)
+        deepspeed_support.configure(accelerator, model, cfg.clip_grad_norm, cfg.grad_accum_steps)
     model, optimizer, train_loader, eval_loader = prepare_all(accelerator, model, optimizer, train_loader, eval_loader)
     # Optimizer steps of this process's shard; the scheduler is not prepared (accelerate would step it once
     # per process): it steps once per optimizer step, so the schedule does not depend on the process count.
