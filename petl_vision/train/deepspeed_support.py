@@ -76,8 +76,9 @@ def configure(accelerator, model: nn.Module, clip_grad_norm: float | None, grad_
     cast_inputs(model, compute_dtype(accelerator))
     for method, config in applied_methods(model):
         if method.owns_backward(config):
-            raise ValueError(f"deepspeed: method {method.name} computes its gradients itself ({config}), which the DeepSpeed "
-                             "engine's backward does not allow; turn that option off, or train under DDP / FSDP")
+            raise ValueError(f"deepspeed: method {method.name} computes its gradients itself with this config (mask_tuning: "
+                             "grad_dropout=true), which the DeepSpeed engine's backward does not allow; turn that option off, "
+                             "or train under DDP / FSDP")
         if getattr(method.on_step, "__func__", None) is not Method.on_step.__func__:
             raise ValueError(f"deepspeed: method {method.name} changes its parameters between steps (on_step), which "
                              "DeepSpeed's partitioned fp32 copies would overwrite; train it under DDP / FSDP")
