@@ -30,7 +30,7 @@ FLAG = "ACCELERATE_USE_DEEPSPEED"
 def deepspeed_requested() -> bool:
     """Whether this process was launched for DeepSpeed (`accelerate launch` with a DeepSpeed config sets
     ACCELERATE_USE_DEEPSPEED=true; torchrun sets LOCAL_RANK)."""
-    return os.environ.get(FLAG, "false").lower() == "true" and int(os.environ.get("LOCAL_RANK", -1)) != -1
+    return os.environ.get(FLAG, "false").lower() == "true" and int(os.environ.get("LOCAL_RANK", "-1")) != -1
 
 
 def accelerator_kwargs() -> dict:

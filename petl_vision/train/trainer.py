@@ -29,9 +29,9 @@ from petl_vision.methods import lst as lst_method
 from petl_vision.methods._feature_cache import FeatureCache, IndexedDataset, cache_key, logits_with_cache, uses_side_network
 from petl_vision.methods._side import side_features
 
+from . import deepspeed_support
 from .checkpoint import check_finite, load_checkpoint, run_record, save_checkpoint, start_run
 from .checkpoint import find_checkpoint as _find_checkpoint
-from . import deepspeed_support
 from .config import TrainConfig, to_dict
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
