@@ -13,7 +13,9 @@ A checkpoint folder holds only what training changes:
     state.json               the rest of those states, the step counters, the accelerator's step
     state_<process>.*        instead of state.*, on a model sharded by FSDP2: each process's shards
                              (local pieces of the DTensors); resumed with the same number of processes
-                             (DeepSpeed ZeRO: the whole fp32 trainable tensors, no optimizer states: not resumable)
+                             (DeepSpeed ZeRO: the whole fp32 trainable tensors, the scheduler and counters)
+    zero_<process>.*         DeepSpeed ZeRO: each process's fp32 master partitions, base optimizer state
+                             and engine counters; resumed with the same stage and number of processes
     rng_<process>.json/.safetensors  python, numpy, torch (and CUDA) RNG states of each process
     complete.json            written last: run_id, config hash and config, sha256 of every file
 
@@ -39,8 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from ..core.distributed import is_dtensor, sharding
 from ..core.io import atomic_write, file_sha256
-from .deepspeed_support import check_resume, zero_stage
-from .deepspeed_support import trainable_tensors as deepspeed_trainable
+from . import deepspeed_support
 
 COMPLETE = "complete.json"
 # Files and folders a run writes into its output_dir (globs); a folder holding any of them holds a run.
@@ -323,8 +324,9 @@ def save_checkpoint(accelerator, run: Run, number: int, model, optimizer, schedu
     main = accelerator.is_main_process
     plain = accelerator.unwrap_model(model)
     sharded = sharding(plain) == "fsdp2"  # every process writes its shards
-    stage = zero_stage(accelerator)  # DeepSpeed: the trainable tensors only (gathered on every process); no resume
-    model_state = trainable_state(plain) if stage is None else {**deepspeed_trainable(plain), **dict(plain.named_buffers())}
+    stage = deepspeed_support.zero_stage(accelerator)  # DeepSpeed: whole fp32 trainable tensors (gathered on every process)
+    model_state = (trainable_state(plain) if stage is None
+                   else {**deepspeed_support.trainable_tensors(plain), **dict(plain.named_buffers())})
     if main:
         if folder.exists():
             shutil.rmtree(folder)
@@ -332,6 +334,8 @@ def save_checkpoint(accelerator, run: Run, number: int, model, optimizer, schedu
         _write_json(folder / "run.json", {"run_id": run.run_id})
     accelerator.wait_for_everyone()
     _save(folder, f"rng_{accelerator.process_index}", _rng_state())
+    if stage is not None:  # each process's ZeRO partitions of the fp32 masters and optimizer states
+        _save(folder, f"zero_{accelerator.process_index}", deepspeed_support.optimizer_state(optimizer, model))
     if main or sharded:
         scaler = getattr(accelerator, "scaler", None)
         _save(folder, f"state_{accelerator.process_index}" if sharded else "state", {
@@ -358,11 +362,12 @@ def load_checkpoint(accelerator, folder: Path, model, optimizer, scheduler) -> d
     """Restore what `save_checkpoint` wrote into the prepared model, optimizer and scheduler, the RNG states
     and the accelerator's step; returns the counters. Reads safetensors and JSON only."""
     marker = read_marker(folder)
-    if "deepspeed_zero_stage" in marker:
-        raise CheckpointError(f"resume: {folder} was written by a DeepSpeed ZeRO-{marker['deepspeed_zero_stage']} run, "
-                              "which holds no optimizer states (DeepSpeed's partitioned states are not saved); "
-                              "DeepSpeed runs cannot be resumed: start a fresh run")
-    check_resume(accelerator, folder)
+    stage = deepspeed_support.zero_stage(accelerator)
+    if marker.get("deepspeed_zero_stage") != stage:
+        written = f"DeepSpeed ZeRO-{marker['deepspeed_zero_stage']}" if "deepspeed_zero_stage" in marker else "no DeepSpeed"
+        now = f"DeepSpeed ZeRO-{stage}" if stage is not None else "no DeepSpeed"
+        raise CheckpointError(f"resume: {folder} was written by a run with {written}; resume it the same way (now: {now}; "
+                              "configs/accelerate/deepspeed_zero<stage>.yaml)")
     if marker.get("num_processes", 1) != accelerator.num_processes:
         raise CheckpointError(f"resume: {folder} was written by {marker.get('num_processes')} processes; "
                               f"resume with the same number (now {accelerator.num_processes})")
@@ -372,8 +377,11 @@ def load_checkpoint(accelerator, folder: Path, model, optimizer, scheduler) -> d
         raise CheckpointError(f"resume: {folder} was written by a run {'with' if marker.get('sharded') else 'without'} "
                               f"FSDP; resume it {'under FSDP (accelerate launch --config_file configs/accelerate/fsdp.yaml)' if marker.get('sharded') else 'without FSDP'}")
     state = _load(folder, f"state_{accelerator.process_index}" if sharded else "state")
-    _load_model_state(plain, state["model"], folder)
-    optimizer.load_state_dict(_as_dtensors(state["optimizer"], optimizer))
+    if stage is not None:
+        _load_deepspeed(folder, accelerator, model, optimizer, state["model"])
+    else:
+        _load_model_state(plain, state["model"], folder)
+        optimizer.load_state_dict(_as_dtensors(state["optimizer"], optimizer))
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     scaler = getattr(accelerator, "scaler", None)
@@ -382,6 +390,25 @@ def load_checkpoint(accelerator, folder: Path, model, optimizer, scheduler) -> d
     _set_rng_state(_load(folder, f"rng_{accelerator.process_index}"))
     accelerator.step = state["accelerator_step"]
     return state["counters"]
+
+
+def _load_deepspeed(folder: Path, accelerator, model, optimizer, saved: dict) -> None:
+    """A DeepSpeed run's state: this process's ZeRO partitions, the model's trainable tensors and buffers."""
+    plain = accelerator.unwrap_model(model)
+    trainable = {k for k, v in plain.named_parameters() if v.requires_grad}
+    buffers = dict(plain.named_buffers())
+    missing, unexpected = sorted(trainable - set(saved)), sorted(set(saved) - trainable - set(buffers))
+    if missing or unexpected:
+        raise CheckpointError(f"resume: {folder} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                              "it was written for another model or method")
+    try:
+        deepspeed_support.load_optimizer_state(optimizer, model, _load(folder, f"zero_{accelerator.process_index}"), saved)
+    except ValueError as e:
+        raise CheckpointError(f"resume: {folder}: {e}") from e
+    with torch.no_grad():
+        for name, buffer in buffers.items():
+            if name in saved:
+                buffer.copy_(saved[name])
 
 
 def _load_model_state(model: nn.Module, saved: dict, folder: Path) -> None:

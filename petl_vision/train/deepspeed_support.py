@@ -13,8 +13,9 @@ What the trainer needs besides:
   parameters between steps are refused.
 - `save_adapter`: on every process; the trainable tensors are the fp32 master values (whole, gathered
   under ZeRO-3), rank 0 writes one adapter.
-- Checkpoints hold the trainable tensors and counters, not the partitioned optimizer states (DeepSpeed
-  writes those with pickle): resuming a DeepSpeed run is refused (`check_resume`).
+- Checkpoints (safetensors + JSON, not DeepSpeed's pickled ones): the whole fp32 trainable tensors, and each
+  process's ZeRO partitions (`optimizer_state` / `load_optimizer_state`): a run resumes exactly with the
+  same stage and number of processes.
 """
 from __future__ import annotations
 
@@ -122,14 +123,61 @@ def torch_optimizer(optimizer) -> torch.optim.Optimizer:
     return inner
 
 
-def check_resume(accelerator, resume_from) -> None:
-    """CheckpointError when a DeepSpeed run would resume: its optimizer states are partitioned and not saved."""
-    from .checkpoint import CheckpointError
+def _zero_optimizer(optimizer):
+    """The ZeRO optimizer inside Accelerate's wrapper, and its fp32 master partitions (this process's)."""
+    zero = getattr(optimizer, "optimizer", optimizer)
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO-1/2, ZeRO-3
+        if hasattr(zero, name):
+            return zero, getattr(zero, name)
+    raise TypeError(f"deepspeed: {type(zero).__name__} is not a ZeRO optimizer (zero_stage 1-3 expected)")
 
-    if resume_from is not None and is_deepspeed(accelerator):
-        raise CheckpointError(f"resume: {resume_from}: resuming under DeepSpeed is not supported (the partitioned optimizer "
-                              "states are not saved: DeepSpeed writes them with pickle); start a fresh run, or train under "
-                              "FSDP (configs/accelerate/fsdp.yaml) or DDP to resume")
+
+@contextlib.contextmanager
+def _with_param_groups(zero):
+    """ZeRO-3 lists its fp32 partitions in the base optimizer's param_groups only while it steps: listed inside."""
+    if not hasattr(zero, "_set_fp32_optimizer_param_groups"):
+        yield
+        return
+    zero._set_fp32_optimizer_param_groups()
+    try:
+        yield
+    finally:
+        zero._clear_fp32_optimizer_param_groups()
+
+
+def optimizer_state(optimizer, model) -> dict:
+    """This process's part of a DeepSpeed run's training state: the base optimizer's state_dict (of the fp32
+    partitions), the fp32 master partitions, and the engine's step counters. Tensors only (no pickle)."""
+    zero, partitions = _zero_optimizer(optimizer)
+    with _with_param_groups(zero):
+        base = zero.optimizer.state_dict()
+    counters = {k: int(getattr(model, k, 0)) for k in ("global_steps", "global_samples", "micro_steps")}
+    return {"base": base, "fp32": [t.detach().to("cpu", copy=True) for t in partitions], "engine": counters}
+
+
+def load_optimizer_state(optimizer, model, state: dict, trainable: dict[str, torch.Tensor]) -> None:
+    """Restore what `optimizer_state` returned (same process count and stage), and the model's copies of the
+    trainable tensors from their whole fp32 values `trainable` (every process)."""
+    import deepspeed
+
+    zero, partitions = _zero_optimizer(optimizer)
+    if len(partitions) != len(state["fp32"]) or any(a.shape != b.shape for a, b in zip(partitions, state["fp32"])):
+        raise ValueError("deepspeed: the checkpoint's fp32 partitions do not fit this run (another model, method, stage "
+                         "or process count)")
+    with _with_param_groups(zero):
+        zero.optimizer.load_state_dict(state["base"])
+    with torch.no_grad():
+        for current, saved in zip(partitions, state["fp32"]):
+            current.copy_(saved)
+        module = getattr(model, "module", model)
+        params = [p for p in module.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            for name, p in module.named_parameters():
+                if p.requires_grad:
+                    p.data.copy_(trainable[name].to(p.device, p.dtype))
+    for key, value in state["engine"].items():
+        if hasattr(model, key):
+            setattr(model, key, int(value))
 
 
 def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -114,7 +114,6 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
         log_with=trackers, project_dir=str(cfg.output_dir), **deepspeed_support.accelerator_kwargs(),
     )
     run = start_classifier_run(cfg, resume, overwrite, config_record)
-    deepspeed_support.check_resume(accelerator, run.resume_from)  # DeepSpeed runs are not resumed
     accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes to it
     built = model is None
     if built:
