@@ -10,8 +10,10 @@ Per method (rank 0 writes the numbers; the test asserts them):
 - mem_ratio: max over ranks of (local frozen-parameter bytes) / (unsharded frozen-parameter bytes);
 - summary: (total, trainable, notes after the step) on the sharded model on every rank, and on the
   unsharded one;
-- merge_error / load_error / apply_error: the messages pv.merge, pv.load_adapter and pv.apply raised
+- merge_error / load_error / apply_error: the messages pv.merge (FSDP1), pv.load_adapter and pv.apply raised
   on a sharded model;
+- merge_diff / merged_type: FSDP2 and a mergeable method: max |outputs| of the model pv.merge returned on
+  rank 0 vs the reference model, and its class;
 - host_class: [host_class_name, pv.summary's host_class] of the sharded model (rank 0);
 - hub (ssf, ssf_fsdp1): per rank, [url pv.push_to_hub returned, files it uploaded] (upload faked).
 - writes_and_file_on_return: per rank, [files written by this process, adapter.safetensors existed
@@ -152,10 +154,11 @@ def shard(model, case: str):
 
 
 def refusals(model, case: str, method: str, folder: Path) -> list:
-    """The messages of pv.merge, pv.load_adapter and pv.apply on sharded models."""
+    """The messages of pv.merge (FSDP1 only: an FSDP2 model merges), pv.load_adapter and pv.apply on sharded models."""
     messages = []
     bare = shard(fresh_host(case, method), case)
-    for call, error in ((lambda: pv.merge(model), pv.MergeError), (lambda: pv.load_adapter(bare, folder), ValueError),
+    merge = (lambda: pv.merge(model)) if case.endswith("fsdp1") else (lambda: None)
+    for call, error in ((merge, pv.MergeError), (lambda: pv.load_adapter(bare, folder), ValueError),
                         (lambda: pv.apply(bare, "bitfit"), TypeError)):
         try:
             call()
@@ -194,6 +197,13 @@ def run_case(case: str, rank: int, out: Path) -> dict:
     if case.endswith("ddp"):
         dist.barrier()
     files = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    merge_diff = None  # FSDP2, mergeable methods: pv.merge on every rank gives rank 0 the merged, unsharded model
+    if not case.endswith(("ddp", "fsdp1")) and pv.can_merge(ref):
+        merged = pv.merge(model)
+        if rank == 0:
+            with torch.no_grad():
+                merge_diff = (outputs(merged.eval(), x) - outputs(ref.eval(), x)).abs().max().item()
+            ref.train()
     merge_error = load_error = apply_error = None
     if family == "timm":  # the refusals (tests: ssf, ssf_fsdp1)
         merge_error, load_error, apply_error = refusals(model, case, method, folder)
@@ -222,7 +232,7 @@ def run_case(case: str, rank: int, out: Path) -> dict:
     result = {"files": files, "writes_and_file_on_return": write_counts, "mem_ratio": max(ratios), "summary": summaries,
               "ref_summary": [ref_summary.total, ref_summary.trainable, pv.summary(ref).notes], "merge_error": merge_error,
               "load_error": load_error, "host_class": class_names, "apply_error": apply_error, "hub": hub,
-              "reselect_error": reselect_error}
+              "reselect_error": reselect_error, "merge_diff": merge_diff, "merged_type": None if merge_diff is None else f"{type(merged).__module__}.{type(merged).__name__}"}
     try:  # rank 0 alone from here: an error must not leave the other rank waiting in a collective
         result.update(_compare(case, method, ref, folder, files, inputs))
     except Exception as e:

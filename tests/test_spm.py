@@ -323,3 +323,16 @@ def test_official_composition_takes_the_first_files_alpha(tmp_path, official):
     # official: alpha 1 (a's) for both, so b4 acts as b; ours: b4's alpha 4 scales its update, as b's up x 4.
     expected = add_official(tiny_unet(), [(a, 1.0), (b if official else tmp_path / "b_up4.safetensors", 1.0)], official)
     torch.testing.assert_close(run(unet), run(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_deepcopy_after_a_training_forward():
+    """A copy (and pv.merge of a copy) right after a training step: the per-forward state and caches,
+    which hold that forward's graph tensors, are left behind (deepcopy refused non-leaf tensors)."""
+    unet = perturb(pv.apply(tiny_unet(), "spm", membranes=("a", "b"), prompts=("snoopy", "mickey"))).train()
+    set_weights(unet, {"a": 0.5})  # a static weight: the layers' scaled up-projections are graph tensors
+    unet(*unet_inputs()).sample.square().mean().backward()
+    assert unet.petl.spm.run is not None
+    twin = copy.deepcopy(unet).eval()
+    assert twin.petl.spm.run is None and twin.petl.spm._cache == {}
+    torch.testing.assert_close(run(twin), run(unet.eval()), atol=0, rtol=0)
+    torch.testing.assert_close(run(pv.merge(copy.deepcopy(unet))), run(unet), atol=1e-5, rtol=1e-5)

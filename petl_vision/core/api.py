@@ -5,7 +5,7 @@ import dataclasses
 
 from torch import nn
 
-from .distributed import numel_by_param, refuse_sharded, sharding, unwrap
+from .distributed import numel_by_param, refuse_sharded, sharding, unsharded_copy, unwrap
 from .errors import MergeError, UnsupportedHostError
 from .registry import MethodConfig, get_method, make_config
 from .state import STATE_NAME, AppliedMethod, PetlState, get_state, host_class
@@ -155,13 +155,30 @@ def merge(model: nn.Module) -> nn.Module:
     The result is a plain model of the original class with the same state_dict keys and the same
     outputs (to float tolerance). Methods are merged last-applied first. Refuses, before changing
     anything, when a method cannot be merged (VPT and the side networks change the architecture),
-    and on a model sharded by FSDP: gather first (`save_adapter` on every rank, then on one process
+    and on a model sharded by FSDP1 (gather first: `save_adapter` on every rank, then on one process
     `load_adapter` onto an unsharded host and merge that).
+
+    On an FSDP2 model call it on every process: the merged model, unsharded, is returned on rank 0
+    and None on the others; the sharded model is left as it was (`distributed.unsharded_copy`).
     """
     kind = sharding(model)
+    if kind == "fsdp2":
+        check_mergeable(model)  # on every rank, before the collective
+        whole = unsharded_copy(model)
+        return merge(whole) if whole is not None else None
     if kind is not None:
         raise MergeError(f"merge: the model is sharded ({kind.upper()}); gather first: pv.save_adapter(model, dir) on every "
                          "rank, then on one process pv.load_adapter(<unsharded host>, dir) and pv.merge that model")
+    check_mergeable(model)
+    state = get_state(model)
+    for applied in reversed(state.applied):
+        get_method(applied.name).merge(model, applied.config)
+    remove_state(model)
+    return model
+
+
+def check_mergeable(model: nn.Module) -> None:
+    """MergeError when no method is applied or an applied method cannot be folded into the host."""
     state = get_state(model)
     if state is None:
         raise MergeError("merge: no petl_vision method is applied to this model")
@@ -169,10 +186,6 @@ def merge(model: nn.Module) -> nn.Module:
     if blocking:
         reasons = "; ".join(f"{n!r}: {reason}" for n, reason in blocking.items())
         raise MergeError(f"merge: cannot fold {list(blocking)} into the host's weights ({reasons}); save it with save_adapter instead")
-    for applied in reversed(state.applied):
-        get_method(applied.name).merge(model, applied.config)
-    remove_state(model)
-    return model
 
 
 def forget_method(model: nn.Module, name: str) -> nn.Module:

@@ -8,7 +8,9 @@ What works (tested on CPU with 2 gloo processes, see tests/test_fsdp.py):
   model on every rank for the moment of the save; FSDP2 gathers the trainable tensors alone.
 - `summary` counts global numbers (FSDP2: a DTensor's numel is the global one; FSDP1: the original
   shapes recorded in each flat parameter).
-- `merge` refuses: gather first (save the adapter, load it onto an unsharded host, merge there).
+- `merge` on an FSDP2 model, called on every process, returns the merged, unsharded model on rank 0
+  (None elsewhere; `unsharded_copy`: gathered, copied, then merged); the sharded model is unchanged.
+  On FSDP1 it refuses: gather first (save the adapter, load it onto an unsharded host, merge there).
 - `load_adapter` and `apply` on a model before it is sharded; on a sharded model they refuse (the
   methods' new parameters would be outside FSDP's parameter groups: no gradient reduction).
 - `push_to_hub` called on every process: gathered like `save_adapter`, uploaded from rank 0.
@@ -19,6 +21,8 @@ DDP and Accelerate wrappers (`.module`) are unwrapped; their parameters are whol
 rank 0 alone (as usual) is enough, and nothing here runs a collective for them.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.distributed as dist
@@ -205,3 +209,57 @@ def shard_model(model: nn.Module, class_names=None, mixed_precision: str = "no",
         fully_shard(unit, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward, ignored_params=ignored or None)
     return model
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks", "_state_dict_pre_hooks",
+               "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _fsdp_owner(hook):
+    """The torch.distributed object a hook is bound to (FSDP2's per-module state), or None."""
+    for owner in (getattr(hook, "__self__", None), getattr(getattr(hook, "func", None), "__self__", None)):
+        if owner is not None and type(owner).__module__.startswith("torch.distributed"):
+            return owner
+    return None
+
+
+def unsharded_copy(model: nn.Module) -> nn.Module | None:
+    """A plain, unsharded copy of an FSDP2 model on rank 0 (None on the other ranks): every rank gathers
+    each parameter (a collective), rank 0 copies the module tree with the whole tensors, the original
+    classes and without FSDP's hooks. The sharded model is left as it was."""
+    from torch.distributed.fsdp import FSDPModule
+
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    memo: dict[int, object] = {}
+    for p in model.parameters():
+        if is_dtensor(p):
+            whole = p.full_tensor()  # every rank takes part; rank 0 keeps it
+            if rank0:
+                memo[id(p)] = nn.Parameter(whole.detach().clone(), requires_grad=p.requires_grad)
+    if not rank0:
+        return None
+    for module in model.modules():  # FSDP's gathered parameters (a method's cache may hold one) copy as the whole one
+        state = module._get_fsdp_state() if isinstance(module, FSDPModule) else None
+        for fsdp_param in getattr(getattr(state, "_fsdp_param_group", None), "fsdp_params", None) or []:
+            gathered, sharded = getattr(fsdp_param, "_unsharded_param", None), getattr(fsdp_param, "sharded_param", None)
+            if gathered is not None and id(sharded) in memo:
+                memo[id(gathered)] = memo[id(sharded)]
+    for module in model.modules():  # FSDP's states stay shared (not copied), their hooks are dropped below
+        for hooks in (getattr(module, name, None) or {} for name in _HOOK_DICTS):
+            for hook in hooks.values():
+                owner = _fsdp_owner(hook)
+                if owner is not None:
+                    memo[id(owner)] = owner
+    swapped = [(m, type(m)) for m in model.modules() if isinstance(m, FSDPModule)]
+    try:  # FSDP's classes refuse deepcopy: copy as the original classes
+        for module, cls in swapped:
+            module.__class__ = next(b for b in cls.__bases__ if b is not FSDPModule)
+        copy_ = copy.deepcopy(model, memo)
+    finally:
+        for module, cls in swapped:
+            module.__class__ = cls
+    for module in copy_.modules():
+        for hooks in (getattr(module, name, None) for name in _HOOK_DICTS):
+            for key in [k for k, h in (hooks or {}).items() if _fsdp_owner(h) is not None]:
+                del hooks[key]
+    return copy_

@@ -355,6 +355,11 @@ class SPMModule(nn.Module):
         self._strengths = value
         self.changed()
 
+    def __getstate__(self):
+        """Copies and pickles leave the per-forward state and the caches behind: they hold the last
+        forward's tensors (graph outputs after a training step, FSDP's gathered weights)."""
+        return {**self.__dict__, "_cache": {}, "run": None, "pending": None, "cast": None, "_coef": None}
+
     def __setstate__(self, state):
         super().__setstate__(state)
         if not isinstance(self.weights, _Weights):
