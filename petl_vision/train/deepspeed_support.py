@@ -152,7 +152,10 @@ def optimizer_state(optimizer, model) -> dict:
     with _with_param_groups(zero):
         base = zero.optimizer.state_dict()
     counters = {k: int(getattr(model, k, 0)) for k in ("global_steps", "global_samples", "micro_steps")}
-    return {"base": base, "fp32": [t.detach().to("cpu", copy=True) for t in partitions], "engine": counters}
+    scaler = getattr(zero, "loss_scaler", None)  # fp16's dynamic loss scale (scale, iterations since overflow, ...)
+    scale = {k: v for k, v in vars(scaler).items() if isinstance(v, (bool, int, float))} if scaler is not None else {}
+    return {"base": base, "fp32": [t.detach().to("cpu", copy=True) for t in partitions], "engine": counters,
+            "loss_scaler": scale}
 
 
 def load_optimizer_state(optimizer, model, state: dict, trainable: dict[str, torch.Tensor]) -> None:
@@ -178,6 +181,10 @@ def load_optimizer_state(optimizer, model, state: dict, trainable: dict[str, tor
     for key, value in state["engine"].items():
         if hasattr(model, key):
             setattr(model, key, int(value))
+    scaler = getattr(zero, "loss_scaler", None)
+    for key, value in state.get("loss_scaler", {}).items():
+        if scaler is not None and hasattr(scaler, key):
+            setattr(scaler, key, value)
 
 
 def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
