@@ -30,6 +30,7 @@ from petl_vision.methods._feature_cache import FeatureCache, IndexedDataset, cac
 from petl_vision.methods._side import side_features
 
 from . import deepspeed_support
+from .cli import report
 from .checkpoint import check_finite, load_checkpoint, run_record, save_checkpoint, start_run
 from .checkpoint import find_checkpoint as _find_checkpoint
 from .config import TrainConfig, to_dict
@@ -228,12 +229,11 @@ def train(cfg: TrainConfig, resume: str | Path | bool | None = None, stop_after_
         return result
     check_finite_parameters(unwrapped, f"after epoch {state.epoch}", accelerator)
     accelerator.wait_for_everyone()
-    if sharded:  # every process: the save gathers the shards, rank 0 writes
+    if sharded:  # every process: the save and the merge gather the shards, rank 0 writes
         result["adapter_dir"] = str(pv.save_adapter(unwrapped, out / "adapter"))
-        if cfg.merge and accelerator.is_main_process:
-            result["merged_path"] = merge_from_adapter(cfg, out / "adapter", num_classes, out / "merged.safetensors") if built else None
-            if not built:
-                print("merge skipped: the model is sharded; load the adapter onto the unsharded model and call pv.merge")
+        if cfg.merge:
+            merged_path = save_merged(unwrapped, out / "merged.safetensors")
+            result["merged_path"] = merged_path if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
     elif deepspeed:  # every process: the fp32 masters are gathered, rank 0 writes
         result["adapter_dir"] = deepspeed_support.save_adapter(accelerator, model, out / "adapter")
@@ -451,14 +451,17 @@ def merge_from_adapter(cfg: TrainConfig, adapter_dir: Path, num_classes: int, pa
 
 
 def save_merged(model: nn.Module, path: Path) -> str | None:
-    """Write a merged plain-model checkpoint when every applied method can be merged."""
+    """Write a merged plain-model checkpoint when every applied method can be merged. On an FSDP2 model
+    call it on every process: the merge gathers, rank 0 writes (None elsewhere)."""
     from safetensors.torch import save_model
 
     if not pv.can_merge(model):
         state = get_state(model)
         names = state.method_names if state is not None else []
-        print(f"merge skipped: methods {names} cannot be merged into the host's weights; the adapter was saved instead")
+        report(f"merge skipped: methods {names} cannot be merged into the host's weights; the adapter was saved instead")
         return None
-    merged = pv.merge(copy.deepcopy(model))
+    merged = pv.merge(model) if sharding(model) == "fsdp2" else pv.merge(copy.deepcopy(model))  # sharded: a merged copy on rank 0
+    if merged is None:
+        return None
     save_model(merged, str(path))
     return str(path)
