@@ -165,3 +165,21 @@ def test_sara_out_of_place_access_equals_the_in_place_one(monkeypatch):
     assert grads_a.keys() == grads_b.keys() and max((grads_a[k] - grads_b[k]).abs().max().item() for k in grads_a) <= 1e-6
     assert max(g.abs().max().item() for g in grads_b.values()) > 1e-4  # the gradients reach the values
     assert written_a > 1e-2 and written_b == 0  # in place: W holds the values; out of place: W keeps its base
+
+
+@pytest.mark.parametrize("trainer", ["diffusion", "erase"])
+def test_diffusion_trainers_refuse_deepspeed(trainer, monkeypatch, tmp_path):
+    """A DeepSpeed launch (ACCELERATE_USE_DEEPSPEED, LOCAL_RANK) is refused before anything is built or written."""
+    from petl_vision.train.config import ConfigError
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    if trainer == "diffusion":
+        from petl_vision.train.diffusion import DiffusionConfig, train_diffusion
+        call = lambda: train_diffusion(DiffusionConfig(output_dir=str(tmp_path / "run")))  # noqa: E731
+    else:
+        from petl_vision.train.erase import EraseConfig, train_erasure
+        call = lambda: train_erasure(EraseConfig(concept="snoopy", output_dir=str(tmp_path / "run")))  # noqa: E731
+    with pytest.raises(ConfigError, match="no DeepSpeed path"):
+        call()
+    assert not (tmp_path / "run").exists()

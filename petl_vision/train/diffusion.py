@@ -43,6 +43,7 @@ from petl_vision.core.distributed import full_tensor, run_on_rank0, sharding
 from .checkpoint import RUN_ARTIFACTS, Run, check_finite, load_checkpoint, run_record, save_checkpoint, start_run
 from .conditioning import ConditioningError, TextConditioning, is_sdxl
 from .config import ConfigError, MethodSection, check_override, coerce, merge_dicts, nested, parse_override, read_mapping
+from .deepspeed_support import deepspeed_requested
 from .sharding import maybe_shard, prepare_all
 from .tracking import MetricsLog, check_trackers, finish_trackers, start_trackers
 from .trainer import MethodHooks, TrainState
@@ -268,6 +269,9 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
 
+    if deepspeed_requested():
+        raise ConfigError("deepspeed: finetune_diffusion has no DeepSpeed path; launch it with configs/accelerate/fsdp.yaml "
+                          "(FSDP2) or configs/accelerate/ddp.yaml")
     check_attention(cfg.attention)
     trackers = check_trackers(cfg.log_with)
     accelerator = Accelerator(

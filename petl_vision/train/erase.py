@@ -52,6 +52,7 @@ from petl_vision.methods.spm import membranes_disabled
 
 from .conditioning import TextConditioning
 from .config import ConfigError, check_override, coerce, parse_override, read_mapping
+from .deepspeed_support import deepspeed_requested
 from .checkpoint import check_finite, save_checkpoint
 from .diffusion import (ARTIFACTS, check_attention, config_record, load_unet_and_conditioning, resumable_state, set_attention,
                         start_diffusion_run)
@@ -299,6 +300,9 @@ def train_erasure(cfg: EraseConfig, resume: str | Path | bool | None = None, sto
 
     from petl_vision.diffusers.spm_format import save_spm
 
+    if deepspeed_requested():
+        raise ConfigError("deepspeed: erase_concept has no DeepSpeed path; launch it with configs/accelerate/fsdp.yaml "
+                          "(FSDP2) or configs/accelerate/ddp.yaml")
     check_attention(cfg.attention)
     trackers = check_trackers(cfg.log_with)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers, project_dir=cfg.output_dir)
