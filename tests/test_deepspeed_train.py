@@ -88,12 +88,7 @@ def test_zero_run_saves_once_a_loadable_adapter_and_a_merged_model(runs, stage):
     assert runs["stdout"][stage].count("done:") == 1
     assert sorted(p.name for p in (folder / "adapter").iterdir()) == sorted(p.name for p in (runs["single"] / "adapter").iterdir())
     assert "1,635 of 33,859" in (folder / "adapter" / "README.md").read_text()  # whole counts, also under ZeRO-3
-    host = pv.load_adapter(_host(), folder / "adapter").eval()
-    merged = _host().eval()
-    merged.load_state_dict(load_file(folder / "merged.safetensors"))
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.allclose(host(x), merged(x), atol=1e-5)
+    test_fsdp_train.assert_adapter_gives_merged_outputs(folder)
 
 
 def test_zero3_resumed_run_continues_from_its_checkpoint(runs):

@@ -71,6 +71,16 @@ def runs(workdir):
     return {"single": workdir / "single", "sharded": workdir / "sharded", "stdout": stdout}
 
 
+def assert_adapter_gives_merged_outputs(folder) -> None:
+    """folder/adapter loaded onto the runs' host gives folder/merged.safetensors' outputs."""
+    host = pv.load_adapter(_host(), folder / "adapter").eval()
+    merged = _host().eval()
+    merged.load_state_dict(load_file(folder / "merged.safetensors"))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(host(x), merged(x), atol=1e-5)
+
+
 def max_diff(a: dict, b: dict) -> float:
     assert sorted(a) == sorted(b) and a
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
@@ -102,12 +112,7 @@ def test_sharded_run_saves_once_a_loadable_adapter_and_a_merged_model(runs):
     folder = runs["sharded"]
     assert sorted(p.name for p in (folder / "adapter").iterdir()) == sorted(p.name for p in (runs["single"] / "adapter").iterdir())
     assert runs["stdout"].count("done:") == 1  # the script reports once, from the main process
-    host = pv.load_adapter(_host(), folder / "adapter").eval()
-    merged = _host().eval()
-    merged.load_state_dict(load_file(folder / "merged.safetensors"))
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.allclose(host(x), merged(x), atol=1e-5)
+    assert_adapter_gives_merged_outputs(folder)
     assert max_diff(load_file(folder / "merged.safetensors"), load_file(runs["single"] / "merged.safetensors")) <= TOL
 
 
