@@ -14,7 +14,9 @@ FSDP2_METHODS = ["ssf", "vpt", "lora", "bitfit", "mask_tuning", "lst", "hst"]
 # diffusers UNet (LoRA with train_head=False, SPM membranes, SaRA's values), Point-MAE, open_clip's image tower
 # (ssf: train_head=False)
 OTHER_HOSTS = ["unet_lora", "unet_spm", "unet_sara", "point_idpt", "point_vpt", "clip_ssf", "clip_mask_tuning"]
-SHARDED = FSDP2_METHODS + ["ssf_bf16", "ssf_fsdp1", "lora_fsdp1"] + OTHER_HOSTS
+# the same under bf16 mixed precision (Point-MAE refuses it: test_bf16_sharding_refuses_host_batchnorm)
+BF16 = [f"{case}_bf16" for case in FSDP2_METHODS + OTHER_HOSTS if not case.startswith("point_")]
+SHARDED = FSDP2_METHODS + ["ssf_fsdp1", "lora_fsdp1"] + OTHER_HOSTS + BF16
 EXACT = 1e-5
 
 
@@ -38,12 +40,15 @@ def case_result(results, case):
 @pytest.mark.parametrize("case", SHARDED)
 def test_sharded_step_saves_the_unsharded_adapter(results, case):
     r = case_result(results, case)
-    tol = 1e-2 if case.endswith("bf16") else EXACT  # bf16 forward/backward vs the fp32 reference step
-    assert r["adapter_diff"] <= tol, r["adapter_diff"]
+    # bf16 forward/backward vs the fp32 reference step: within 5% of the step's own size (measured: at most
+    # 2.3%); mask tuning's scores move by ~3e-3 in a step, below bf16's resolution: 25% (their masks, hence
+    # the outputs, are equal)
+    tol = (0.25 if "mask_tuning" in case else 0.05) * r["update"] if case.endswith("bf16") else EXACT
+    assert r["adapter_diff"] <= tol, (r["adapter_diff"], r["update"])
     assert r["same_keys"] and r["same_host"]  # names, host class, shapes and fingerprint of the unsharded model
     if not case.endswith("bf16"):
         assert r["same_safetensors"]  # adapter.safetensors (and peft's file for lora) equal the unsharded save's
-    assert r["out_diff"] <= (5e-2 if case.endswith("bf16") else EXACT), r["out_diff"]  # loaded onto an unsharded host
+    assert r["out_diff"] <= (0.05 * r["out_scale"] if case.endswith("bf16") else EXACT), r["out_diff"]  # loaded onto an unsharded host
 
 
 @pytest.mark.parametrize("case", SHARDED)
@@ -205,7 +210,8 @@ def test_block_units_by_host_family_and_by_class_name():
         block_units(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
-MERGED = ["ssf", "lora", "bitfit", "mask_tuning", "ssf_bf16", "unet_lora", "unet_spm", "unet_sara", "clip_ssf", "clip_mask_tuning"]
+MERGED = ["ssf", "lora", "bitfit", "mask_tuning", "unet_lora", "unet_spm", "unet_sara", "clip_ssf", "clip_mask_tuning"]
+MERGED += [f"{case}_bf16" for case in MERGED]
 
 
 @pytest.mark.parametrize("case", MERGED)
@@ -215,9 +221,22 @@ def test_fsdp2_merge_returns_the_merged_model_on_rank0(results, case):
     r = case_result(results, case)
     assert r["merge_diff"] is not None, "no merge ran: the method should be mergeable"
     assert r["merged_type"] == r["host_class"][0] and not r["merged_type"].startswith("FSDP")
-    # bf16: the step itself is within 1e-2 of the fp32 reference's (test above); outputs then within 5e-2
-    assert r["merge_diff"] <= (5e-2 if case.endswith("bf16") else 1e-4), r["merge_diff"]
+    # bf16: the step itself differs from the fp32 reference's (test above); outputs within 5% of their size
+    assert r["merge_diff"] <= (0.05 * r["out_scale"] if case.endswith("bf16") else 1e-4), r["merge_diff"]
 
 
 def test_unmergeable_methods_do_not_merge(results):
     assert all(results[c]["merge_diff"] is None for c in ["vpt", "lst", "hst", "point_idpt", "point_vpt"])
+
+
+def test_bf16_sharding_refuses_host_batchnorm():
+    """bf16 parameters next to BatchNorm's fp32 running statistics fail in the forward (and Point-MAE would
+    group its points in bf16): refused before anything is sharded; fp32 shards it (tested above)."""
+    import petl_vision as pv
+    from petl_vision.core.distributed import shard_model
+    from petl_vision.models.point_mae import PointTransformer
+
+    model = pv.apply(PointTransformer(num_classes=5, num_group=8, group_size=8, dim=32, depth=2, num_heads=2), "idpt", k=4)
+    with pytest.raises(ValueError, match="BatchNorm layers .*mixed_precision='no'"):
+        shard_model(model, mixed_precision="bf16")
+    assert not any(type(m).__name__.startswith("FSDP") for m in model.modules())

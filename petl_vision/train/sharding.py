@@ -85,6 +85,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float, accelerator) -> torch.Tens
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
     if sharding(model) != "fsdp2":
         return accelerator.clip_grad_norm_(params, max_norm)
+    accelerator.unscale_gradients()  # fp16's loss scale (a no-op otherwise), as clip_grad_norm_ does
     squares = torch.zeros((), device=accelerator.device)
     for p in params:
         if is_dtensor(p.grad):
@@ -105,7 +106,9 @@ def prepare_all(accelerator, model: nn.Module, *objects):
     """`accelerator.prepare(model, *objects)`; a model `maybe_shard` sharded is not wrapped again
     (Accelerate's FSDP2 keeps it; on CPU processes it is left out of `prepare`, which would wrap it in DDP)."""
     if sharding(model) == "fsdp2" and not getattr(accelerator, "is_fsdp2", False):
-        prepared = accelerator.prepare(*objects) if objects else ()
-        return (model, *(prepared if len(objects) > 1 else (prepared,) if objects else ()))
+        if not objects:
+            return (model,)
+        prepared = accelerator.prepare(*objects)  # one object comes back bare, several as a tuple
+        return (model, *(prepared if len(objects) > 1 else (prepared,)))
     prepared = accelerator.prepare(model, *objects)
     return prepared if objects else (prepared,)
