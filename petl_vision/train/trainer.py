@@ -30,9 +30,9 @@ from petl_vision.methods._feature_cache import FeatureCache, IndexedDataset, cac
 from petl_vision.methods._side import side_features
 
 from . import deepspeed_support
-from .cli import report
 from .checkpoint import check_finite, load_checkpoint, run_record, save_checkpoint, start_run
 from .checkpoint import find_checkpoint as _find_checkpoint
+from .cli import report
 from .config import TrainConfig, to_dict
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
@@ -441,8 +441,8 @@ def allocate_shared_cache(accelerator: Accelerator, cache: FeatureCache, model: 
 
 
 def merge_from_adapter(cfg: TrainConfig, adapter_dir: Path, num_classes: int, path: Path) -> str | None:
-    """The merged checkpoint of a sharded run: the host rebuilt unsharded from `cfg` (seeded as `train`
-    built it), the saved adapter loaded onto it, then `save_merged`."""
+    """The merged checkpoint of a DeepSpeed run (its parameters are partitioned): the host rebuilt from
+    `cfg` (seeded as `train` built it), the saved adapter loaded onto it, then `save_merged`."""
     set_seed(cfg.seed)
     host = build_model(cfg)
     if getattr(host, "num_classes", num_classes) != num_classes:
