@@ -56,16 +56,18 @@ from petl_vision.core.state import host_class_name
 WORLD = 2
 GLOBAL_BATCH = 4
 LR = 0.5
-METHODS = ["ssf", "vpt", "lora", "bitfit", "mask_tuning", "lst", "hst"]
-HOSTS = ["unet_lora", "unet_spm", "unet_sara", "point_idpt", "point_vpt", "clip_ssf", "clip_mask_tuning"]
+METHODS = ["ssf", "vpt", "lora", "bitfit", "mask_tuning", "lst", "hst", "unipt", "moment_probing"]
+HOSTS = ["unet_lora", "unet_spm", "unet_sara", "point_idpt", "point_vpt", "clip_ssf", "clip_mask_tuning", "p2p_p2p"]
 # every method x host case again under FSDP2 bf16 mixed precision (MixedPrecisionPolicy: bf16 params, fp32 reduce)
-BF16 = [f"{case}_bf16" for case in METHODS + HOSTS if not case.startswith("point_")]  # Point-MAE: refused in bf16
+# BatchNorm (Point-MAE, HST's side stems, P2P's encoder) refuses bf16 shards (test_bf16_sharding_refuses_batchnorm)
+WITH_BATCHNORM = ("point_idpt", "point_vpt", "hst", "p2p_p2p")
+BF16 = [f"{case}_bf16" for case in METHODS + HOSTS if case not in WITH_BATCHNORM]
 EXTRA = ["ssf_fsdp1", "lora_fsdp1", "ssf_ddp", *HOSTS, *BF16]
 _atomic_write = pv_io.atomic_write
 # Methods with BatchNorm layers in training mode (HST's side stem and fc_norm): the statistics of a
 # rank's half batch are not the global batch's (as under DDP without SyncBatchNorm), so each rank
 # gets the whole batch; the gather/save path under sharding is checked the same way.
-WHOLE_BATCH_ON_EVERY_RANK = {"hst", "point_idpt", "point_vpt"}  # Point-MAE: BatchNorm in its encoder and head
+WHOLE_BATCH_ON_EVERY_RANK = {"hst", "point_idpt", "point_vpt", "p2p"}  # Point-MAE: BatchNorm in its encoder and head; P2P: in its point encoder
 
 
 def make_host(depth: int = 2, family: str = "timm"):
@@ -90,7 +92,7 @@ def make_host(depth: int = 2, family: str = "timm"):
 
 
 def family_of(case: str) -> str:
-    return case.split("_")[0] if case.startswith(("unet_", "point_", "clip_")) else "timm"
+    return case.split("_")[0] if case.startswith(("unet_", "point_", "clip_", "p2p_")) else "timm"
 
 
 def base_case(case: str) -> str:
@@ -108,7 +110,8 @@ def fresh_host(case: str, method: str):
 
 
 METHOD_ARGS = {"unet_lora": {"train_head": False}, "clip_ssf": {"train_head": False}, "point_idpt": {"k": 4},
-               "unet_sara": {"fraction": 0.1}}  # the tiny UNet's init has few entries under SaRA's threshold
+               "unet_sara": {"fraction": 0.1},  # the tiny UNet's init has few entries under SaRA's threshold
+               "p2p_p2p": {"img_size": 32, "k": 8}}  # P2P: point clouds through the timm ViT
 
 
 def make_model(case: str, method: str):
@@ -128,7 +131,7 @@ def batch(family: str = "timm"):
         inputs = (torch.randn(GLOBAL_BATCH, 4, 8, 8, generator=g), torch.randint(0, 1000, (GLOBAL_BATCH,), generator=g),
                   torch.randn(GLOBAL_BATCH, 5, 32, generator=g))
         return inputs, torch.randn(GLOBAL_BATCH, 4, 8, 8, generator=g)
-    x = torch.randn(GLOBAL_BATCH, 64, 3, generator=g) if family == "point" else torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)
+    x = torch.randn(GLOBAL_BATCH, 64, 3, generator=g) if family in ("point", "p2p") else torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)
     return (x,), torch.randint(0, 5, (GLOBAL_BATCH,), generator=g)
 
 

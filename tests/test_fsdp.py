@@ -10,12 +10,12 @@ import torch
 
 from conftest import ROOT
 
-FSDP2_METHODS = ["ssf", "vpt", "lora", "bitfit", "mask_tuning", "lst", "hst"]
+FSDP2_METHODS = ["ssf", "vpt", "lora", "bitfit", "mask_tuning", "lst", "hst", "unipt", "moment_probing"]
 # diffusers UNet (LoRA with train_head=False, SPM membranes, SaRA's values), Point-MAE, open_clip's image tower
 # (ssf: train_head=False)
-OTHER_HOSTS = ["unet_lora", "unet_spm", "unet_sara", "point_idpt", "point_vpt", "clip_ssf", "clip_mask_tuning"]
-# the same under bf16 mixed precision (Point-MAE refuses it: test_bf16_sharding_refuses_host_batchnorm)
-BF16 = [f"{case}_bf16" for case in FSDP2_METHODS + OTHER_HOSTS if not case.startswith("point_")]
+OTHER_HOSTS = ["unet_lora", "unet_spm", "unet_sara", "point_idpt", "point_vpt", "clip_ssf", "clip_mask_tuning", "p2p_p2p"]
+# the same under bf16 mixed precision, but with BatchNorm (test_bf16_sharding_refuses_batchnorm)
+BF16 = [f"{case}_bf16" for case in FSDP2_METHODS + OTHER_HOSTS if case not in ("point_idpt", "point_vpt", "hst", "p2p_p2p")]
 SHARDED = FSDP2_METHODS + ["ssf_fsdp1", "lora_fsdp1"] + OTHER_HOSTS + BF16
 EXACT = 1e-5
 
@@ -226,10 +226,10 @@ def test_fsdp2_merge_returns_the_merged_model_on_rank0(results, case):
 
 
 def test_unmergeable_methods_do_not_merge(results):
-    assert all(results[c]["merge_diff"] is None for c in ["vpt", "lst", "hst", "point_idpt", "point_vpt"])
+    assert all(results[c]["merge_diff"] is None for c in ["vpt", "lst", "hst", "unipt", "moment_probing", "point_idpt", "point_vpt", "p2p_p2p"])
 
 
-def test_bf16_sharding_refuses_host_batchnorm():
+def test_bf16_sharding_refuses_batchnorm():
     """bf16 parameters next to BatchNorm's fp32 running statistics fail in the forward (and Point-MAE would
     group its points in bf16): refused before anything is sharded; fp32 shards it (tested above)."""
     import petl_vision as pv
@@ -240,3 +240,7 @@ def test_bf16_sharding_refuses_host_batchnorm():
     with pytest.raises(ValueError, match="BatchNorm layers .*mixed_precision='no'"):
         shard_model(model, mixed_precision="bf16")
     assert not any(type(m).__name__.startswith("FSDP") for m in model.modules())
+    import timm
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
+    with pytest.raises(ValueError, match="BatchNorm layers"):  # HST's side stems
+        shard_model(pv.apply(vit, "hst"), mixed_precision="bf16")

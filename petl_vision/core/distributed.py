@@ -201,16 +201,15 @@ def shard_model(model: nn.Module, class_names=None, mixed_precision: str = "no",
     param_dtype = dtypes[mixed_precision]
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     units = block_units(model, class_names)
-    if param_dtype is not None:
-        state = getattr(model, "petl", None)  # a method's own BatchNorm (HST's side network) handles the dtype itself
-        own = {id(m) for m in state.modules()} if isinstance(state, nn.Module) else set()
+    if param_dtype is not None:  # Point-MAE's encoder and head, HST's side stems, P2P's point encoder
         norms = [name for name, m in model.named_modules()
-                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and id(m) not in own]
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.affine]
         if norms:
             raise ValueError(f"fsdp: mixed_precision {mixed_precision!r} gathers the parameters in {mixed_precision}, but "
-                             f"{type(unwrap(model)).__name__} has BatchNorm layers ({norms[0]}, ...) whose running statistics "
-                             "stay fp32 (and a Point-MAE host groups its points in that dtype); shard it with "
-                             "mixed_precision='no', or train it with DDP and bf16 autocast (configs/accelerate/ddp.yaml)")
+                             f"{type(unwrap(model)).__name__} has BatchNorm layers ({norms[0]}, ...): a {mixed_precision} "
+                             "weight next to their fp32 running statistics fails in the forward (and a Point-MAE host would "
+                             "group its points in that dtype); shard it with mixed_precision='no', or train it with DDP and "
+                             "bf16 autocast (configs/accelerate/ddp.yaml)")
     ignored = set(ignored_params or ())
     inside = [u for u in units if any(p in ignored for p in u.parameters())]
     if inside:
