@@ -158,3 +158,19 @@ def test_target_modules_and_bias_free_attention():
     # no bias to carry the shift: a bias-free MHA is left alone, and then there is nothing to follow
     with pytest.raises(pv.UnsupportedHostError, match="found no linear"):
         pv.apply(nn.MultiheadAttention(8, 2, bias=False), "ssf", train_head=False)
+
+
+def test_open_clip_norms_are_wrapped_without_importing_open_clip():
+    """open_clip's LayerNorm (and LayerNormFp32) are recognised by name, so `import petl_vision` does not
+    import open_clip (nor transformers): SSF wraps them as it wraps nn.LayerNorm (not as parametrized sites)."""
+    import subprocess
+    import sys
+
+    from petl_vision.methods.ssf import SSFLayer
+
+    visual = pv.apply(tiny_clip().visual, "ssf", train_head=False)
+    norms = [visual.ln_pre, visual.ln_post, *(n for b in visual.transformer.resblocks for n in (b.ln_1, b.ln_2))]
+    assert all(isinstance(n, SSFLayer) and type(n.base).__module__ == "open_clip.transformer" for n in norms)
+    code = "import sys, petl_vision; print(sorted(m for m in ('open_clip', 'transformers', 'diffusers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

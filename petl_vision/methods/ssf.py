@@ -31,7 +31,6 @@ import dataclasses
 import functools
 import re
 
-import open_clip.transformer as open_clip_layers
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm, LayerNorm2d
@@ -86,8 +85,6 @@ _CHANNEL_DIM = {
     nn.LayerNorm: -1,
     LayerNorm: -1,
     LayerNorm2d: 1,
-    open_clip_layers.LayerNorm: -1,
-    open_clip_layers.LayerNormFp32: -1,
     nn.Conv1d: 1,
     nn.Conv2d: 1,
     nn.Conv3d: 1,
@@ -98,9 +95,22 @@ _CHANNEL_DIM = {
 }
 
 
+def _open_clip_norm(cls: type) -> str | None:
+    """"LayerNorm" / "LayerNormFp32" for open_clip's norm classes (channels last, like nn.LayerNorm), else
+    None. By name: open_clip is not imported for this (a model built of its classes has imported it)."""
+    if cls.__module__ == "open_clip.transformer" and cls.__name__ in ("LayerNorm", "LayerNormFp32"):
+        return cls.__name__
+    return None
+
+
+def _channel_dim(cls: type) -> int | None:
+    """Where an eligible layer type's output channels are (`_CHANNEL_DIM`), None for other types."""
+    return _CHANNEL_DIM.get(cls, -1 if _open_clip_norm(cls) else None)
+
+
 def _num_channels(module: nn.Module) -> int | None:
     """Output channels of an eligible layer, or None when SSF cannot follow it."""
-    if type(module) not in _CHANNEL_DIM:
+    if _channel_dim(type(module)) is None:
         return None
     if isinstance(module, nn.Linear):
         return module.out_features
@@ -181,10 +191,10 @@ def _norm_with_affine(norm: nn.Module, x: torch.Tensor, weight: torch.Tensor, bi
     layer_norm = fast_layer_norm if getattr(norm, "_fast_norm", False) else F.layer_norm
     if kind is LayerNorm2d:
         return layer_norm(x.permute(0, 2, 3, 1), norm.normalized_shape, weight, bias, norm.eps).permute(0, 3, 1, 2)
-    if kind is open_clip_layers.LayerNormFp32:
+    if _open_clip_norm(kind) == "LayerNormFp32":
         return F.layer_norm(x.float(), norm.normalized_shape, weight, bias, norm.eps).to(x.dtype)
     out = layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
-    return out.to(x.dtype) if kind is open_clip_layers.LayerNorm else out
+    return out.to(x.dtype) if _open_clip_norm(kind) == "LayerNorm" else out
 
 
 class SSFLayer(WrapperLayer):
@@ -335,7 +345,7 @@ def _is_norm_site(module: nn.Module) -> bool:
     their affine ``w * x_hat + b``; SSF right after the affine is ``(s * w) * x_hat + (s * b + t)``.
     Needs a per-channel (1-d) weight and bias.
     """
-    if type(module) in _CHANNEL_DIM or not isinstance(module, _NORMS):
+    if _channel_dim(type(module)) is not None or not isinstance(module, _NORMS):
         return False
     weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
     return isinstance(weight, nn.Parameter) and isinstance(bias, nn.Parameter) and weight.ndim == 1 and weight.shape == bias.shape
@@ -436,7 +446,7 @@ class SSF(Method):
             raise UnsupportedHostError(f"ssf: target_modules={config.target_modules!r} matches no eligible layer of {type(model).__name__}")
         for name, module, channels in targets:
             save_output = config.save_output and not _output_overwritten(model, name)
-            layer = SSFLayer(module, channels, _CHANNEL_DIM[type(module)], config.init_std, save_output)
+            layer = SSFLayer(module, channels, _channel_dim(type(module)), config.init_std, save_output)
             model.set_submodule(name, layer)
         for _, module, bias_attr, weights in sites:
             owner = BiasScaleShift(getattr(module, bias_attr).detach(), config.init_std, tuple(module._parameters))
