@@ -108,7 +108,18 @@ def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = No
             raise
         print(f"error: {error_message(err)}", file=sys.stderr, flush=True)
         return USER_ERROR_STATUS
+    leave_process_group()
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def leave_process_group() -> None:
+    """After a multi-process run (torchrun, accelerate launch): every process waits for the others, then
+    destroys the process group, instead of leaving it to interpreter teardown (where a rank tearing gloo
+    down while another still used it aborted now and then)."""
+    dist = sys.modules.get("torch.distributed")  # not imported: no process group
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def report(text: str) -> None:
