@@ -48,7 +48,9 @@ def launch(workdir, args, stage=None, check=True, script=SCRIPT):
 
 STOP_AFTER_EPOCH_1 = """import sys
 from petl_vision.train import load_config, train
+from petl_vision.train.cli import leave_process_group
 train(load_config("tiny.yaml", [f"output_dir={sys.argv[1]}", *sys.argv[2:]]), stop_after_epoch=1)
+leave_process_group()
 """
 
 

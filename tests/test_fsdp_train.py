@@ -129,7 +129,9 @@ def test_sharded_checkpoints_hold_each_process_shards(runs):
 
 STOP_AFTER_EPOCH_1 = """import sys
 from petl_vision.train import load_config, train
+from petl_vision.train.cli import leave_process_group
 train(load_config("tiny.yaml", [f"output_dir={sys.argv[1]}"]), stop_after_epoch=1)
+leave_process_group()
 """
 
 
