@@ -5,7 +5,7 @@
     python scripts/train_classifier.py --config configs/methods/vpt_deep.yaml optim.lr=0.5 method.num_prompts=50
     python scripts/train_classifier.py --config CONFIG --resume            # latest checkpoint of output_dir
     accelerate launch scripts/train_classifier.py --config CONFIG ...      # multi-GPU / mixed precision
-    accelerate launch --config_file configs/accelerate/fsdp.yaml scripts/train_classifier.py --config CONFIG   # FSDP2 (README: Multi-GPU)
+    (FSDP2 and DeepSpeed: accelerate launch --config_file configs/accelerate/<fsdp|ddp|deepspeed_zero2|deepspeed_zero3>.yaml; README: Multi-GPU)
 
 Trailing key=value overrides use dotted keys (optim.lr=0.01); values are parsed as YAML.
 Without --config the demo runs; overrides then apply to each of its three runs.

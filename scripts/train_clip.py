@@ -5,7 +5,7 @@
     python scripts/train_clip.py --config CONFIG data.shots=4 data.seed=2 method.grad_dropout_lambda=1.0
     python scripts/train_clip.py --config CONFIG --resume                  # latest checkpoint of output_dir
     accelerate launch scripts/train_clip.py --config CONFIG ...            # multi-GPU / mixed precision
-    accelerate launch --config_file configs/accelerate/fsdp.yaml scripts/train_clip.py --config CONFIG         # FSDP2 (README: Multi-GPU)
+    (FSDP2 and DeepSpeed: accelerate launch --config_file configs/accelerate/<fsdp|ddp|deepspeed_zero2|deepspeed_zero3>.yaml; README: Multi-GPU)
 
 Prints the zero-shot accuracy before training and the tuned accuracy after. Trailing key=value
 overrides use dotted keys (optim.lr=1e-4, data.shots=8, clip.tag=laion2b_s34b_b88k); values are
