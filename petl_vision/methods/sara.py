@@ -26,8 +26,8 @@ W with the values put in, out of place (`SparseDelta.applied`; the forward pre-h
 deltas when the model is an FSDP2 module), and the host's shards keep the base weights (its
 state_dict too: the trained values live in ``petl.sara``, sharded like any trainable tensor). The
 cost: a dense copy of each sparsified tensor per forward, held until its backward. Progressive
-re-selection, merge and unload refuse a sharded model (save the adapter, load it onto an unsharded
-host).
+re-selection, unload and SaRA's own merge refuse a sharded model; `pv.merge` on every process
+merges an unsharded copy on rank 0 (core.distributed.unsharded_copy).
 """
 from __future__ import annotations
 

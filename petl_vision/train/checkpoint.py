@@ -399,8 +399,7 @@ def _load_deepspeed(folder: Path, accelerator, model, optimizer, saved: dict) ->
     buffers = dict(plain.named_buffers())
     missing, unexpected = sorted(trainable - set(saved)), sorted(set(saved) - trainable - set(buffers))
     if missing or unexpected:
-        raise CheckpointError(f"resume: {folder} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-                              "it was written for another model or method")
+        raise _misfit(folder, f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     try:
         deepspeed_support.load_optimizer_state(optimizer, model, _load(folder, f"zero_{accelerator.process_index}"), saved)
     except ValueError as e:
@@ -422,8 +421,7 @@ def _load_model_state(model: nn.Module, saved: dict, folder: Path) -> None:
     unexpected = sorted(k for k in saved if k not in current)
     shapes = [k for k in saved if k in current and _local(current[k]).shape != _value(saved[k]).shape]
     if missing or unexpected or shapes:
-        raise CheckpointError(f"resume: {folder} does not fit this model (missing {missing[:3]}, unexpected "
-                              f"{unexpected[:3]}, other shapes {shapes[:3]}); it was written for another model or method")
+        raise _misfit(folder, f"missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {shapes[:3]}")
     with torch.no_grad():
         for key, value in saved.items():
             _local(current[key]).copy_(_value(value))
@@ -436,12 +434,14 @@ def _load_whole(model: nn.Module, saved: dict, folder: Path) -> None:
     try:
         result = model.load_state_dict(saved, strict=False)  # the frozen backbone is not in the checkpoint
     except RuntimeError as e:  # size mismatches
-        raise CheckpointError(f"resume: {folder} does not fit this model ({str(e)[:300]}); it was written for another model "
-                              "or method") from e
+        raise _misfit(folder, str(e)[:300]) from e
     missing = [k for k in result.missing_keys if k in trainable]
     if missing or result.unexpected_keys:
-        raise CheckpointError(f"resume: {folder} does not fit this model (missing {missing[:3]}, unexpected "
-                              f"{result.unexpected_keys[:3]}); it was written for another model or method")
+        raise _misfit(folder, f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+
+
+def _misfit(folder: Path, detail: str) -> CheckpointError:
+    return CheckpointError(f"resume: {folder} does not fit this model ({detail}); it was written for another model or method")
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -454,15 +454,23 @@ def _value(value) -> torch.Tensor:
 
 def _as_dtensors(state: dict, optimizer) -> dict:
     """The optimizer state dict with each saved shard made a DTensor like its parameter's."""
+    from torch.distributed.tensor import DTensor
+
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, entries in state.get("state", {}).items():
         for key, value in entries.items():
             if isinstance(value, _Shard):
                 p = params[int(index)]
-                from torch.distributed.tensor import DTensor
                 entries[key] = DTensor.from_local(value.tensor.to(p.device), p.device_mesh, p.placements,
                                                   shape=p.shape, stride=p.stride())
     return state
+
+
+def any_process(accelerator, flag: bool) -> bool:
+    """Whether `flag` is True on any process (a collective: every process calls it); `flag` on one process."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return bool(flag)
+    return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum").item() > 0
 
 
 def check_finite(loss: torch.Tensor, step: int, where: str, hint: str, accelerator=None) -> None:
@@ -470,12 +478,7 @@ def check_finite(loss: torch.Tensor, step: int, where: str, hint: str, accelerat
 
     step: the 1-based optimizer step being computed; where: extra position text ("epoch 1") or "".
     """
-    finite = torch.isfinite(loss.detach()).all()
-    if accelerator is not None and accelerator.num_processes > 1:
-        finite = accelerator.reduce(finite.float().reshape(1), reduction="sum").item() == accelerator.num_processes
-    else:
-        finite = bool(finite)
-    if not finite:
+    if any_process(accelerator, not bool(torch.isfinite(loss.detach()).all())):
         value = loss.detach().float().item() if loss.numel() == 1 else float("nan")
         text = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf") if math.isinf(value) else "non-finite"
         place = f" ({where})" if where else ""

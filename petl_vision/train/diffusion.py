@@ -297,7 +297,7 @@ def train_diffusion(cfg: DiffusionConfig, resume: str | Path | bool | None = Non
     hooks = MethodHooks(unet, cfg.max_steps, seed=cfg.seed)
     if hooks.owner is not None:
         raise ConfigError(f"method {hooks.owner[0].name!r} computes its own gradients; the diffusion loop does not support that")
-    unet = maybe_shard(accelerator, unet, accelerator.mixed_precision)  # FSDP2 per block under an FSDP launch
+    unet = maybe_shard(accelerator, unet)  # FSDP2 per block under an FSDP launch
     sharded = sharding(unet) == "fsdp2"
     if sharded:
         check_sharded_method(cfg, unet)

@@ -325,7 +325,7 @@ def train_erasure(cfg: EraseConfig, resume: str | Path | bool | None = None, sto
     set_attention(unet, cfg.attention)
     name = cfg.membrane_name
     pv.apply(unet, pv.SPMConfig(rank=cfg.rank, alpha=cfg.alpha, membranes=(name,), prompts=(cfg.concept,)))
-    unet = maybe_shard(accelerator, unet, accelerator.mixed_precision)  # FSDP2 per block under an FSDP launch
+    unet = maybe_shard(accelerator, unet)  # FSDP2 per block under an FSDP launch
     sharded = sharding(unet) == "fsdp2"  # then the membrane file is gathered on every process, written by rank 0
     trainable = [p for p in unet.parameters() if p.requires_grad]  # after sharding: DTensors under FSDP2
     if cfg.optimizer == "adamw8bit":

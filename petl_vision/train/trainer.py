@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from petl_vision.methods._feature_cache import FeatureCache, IndexedDataset, cac
 from petl_vision.methods._side import side_features
 
 from . import deepspeed_support
-from .checkpoint import check_finite, load_checkpoint, run_record, save_checkpoint, start_run
+from .checkpoint import any_process, check_finite, load_checkpoint, run_record, save_checkpoint, start_run
 from .checkpoint import find_checkpoint as _find_checkpoint
 from .cli import report
 from .config import TrainConfig, to_dict
@@ -289,12 +290,16 @@ class MethodHooks:
         method.backward(self.model, config, loss, TrainStep(inputs, outputs, step, self.seed, backward, self.reference))
 
     def average_gradients(self, accelerator: Accelerator) -> None:
-        """Mean of the gradients across processes, when a method computed them without synchronisation
-        (DDP's no_sync). Under FSDP2 each backward already reduced its gradients (sharded DTensors)."""
+        """Mean over processes of the gradients no wrapper reduced: under FSDP2 the whole (plain) ones
+        (`sharding.average_whole_gradients`: FSDP reduced the DTensor ones in each backward); else all of
+        them when a method computed them without synchronisation (DDP's no_sync)."""
+        if sharding(self.model) == "fsdp2":
+            average_whole_gradients(self.model, accelerator)
+            return
         if self.owner is None or accelerator.num_processes == 1:
             return
         for p in self.model.parameters():
-            if p.grad is not None and not is_dtensor(p.grad):
+            if p.grad is not None:
                 p.grad = accelerator.reduce(p.grad, reduction="mean")
 
     def on_step(self, optimizer, step: int, say=print) -> dict:
@@ -325,10 +330,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator,
     from the complete cache (no backbone).
     """
     model.train()
-    any_process = None
-    if accelerator.num_processes > 1:  # a sharded backbone's forward is collective: run it on all processes or none
-        def any_process(flag: bool) -> bool:
-            return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum").item() > 0
+    # A sharded backbone's forward is collective: the cache runs it on all processes or none.
+    anywhere = functools.partial(any_process, accelerator) if accelerator.num_processes > 1 else None
     loss_sum, batches, images = torch.zeros((), device=accelerator.device), 0, 0
     start = time.perf_counter()
     bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show_bar, leave=False)
@@ -336,7 +339,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator,
         with accelerator.accumulate(model), hooks.sync_context(accelerator, model):
             if cache is not None:
                 with accelerator.autocast():
-                    logits, targets = logits_with_cache(accelerator.unwrap_model(model), batch, cache, any_process)
+                    logits, targets = logits_with_cache(accelerator.unwrap_model(model), batch, cache, anywhere)
                 inputs = None
             else:
                 inputs, targets = batch
@@ -346,7 +349,6 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator,
             hooks.backward(loss, inputs, logits, state.step, accelerator.backward)
             if accelerator.sync_gradients:
                 hooks.average_gradients(accelerator)
-                average_whole_gradients(accelerator.unwrap_model(model), accelerator)
                 if cfg.clip_grad_norm:
                     clip_grad_norm(accelerator.unwrap_model(model), cfg.clip_grad_norm, accelerator)
                 state.step += 1
@@ -406,10 +408,7 @@ def check_finite_parameters(model: nn.Module, where: str, accelerator: Accelerat
     (FSDP2: each process checks its shards); nothing is saved then."""
     bad = [name for name, p in model.named_parameters()
            if p.requires_grad and not bool(torch.isfinite(p.to_local() if is_dtensor(p) else p).all())]
-    anywhere = bool(bad)
-    if accelerator is not None and accelerator.num_processes > 1:
-        anywhere = accelerator.reduce(torch.tensor([float(bool(bad))], device=accelerator.device), reduction="sum").item() > 0
-    if anywhere:
+    if any_process(accelerator, bool(bad)):
         names = bad[:3] if bad else "(on another process)"
         raise FloatingPointError(f"trainable parameters {names} hold NaN or inf {where}; lower the learning rate; "
                                  "no adapter was saved")
